@@ -1,0 +1,401 @@
+"""LoRA for any nn.Module whose target leaves are nn.Linear: injection, merge/unmerge, PEFT-format adapters.
+
+A `LoRALinear` keeps the base `weight`/`bias` as its own (frozen) parameters, so the Hugging Face key of
+a targeted module stays `...q_proj.weight`, and adds `lora_A` (r x in) and `lora_B` (out x r):
+
+    y = x W^T + b + lora_B(lora_A(dropout(x))) * scaling,    scaling = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A is kaiming_uniform(a=sqrt(5)) and B is zero (PEFT's `init_lora_weights=True`), so a fresh adapter is
+the identity. Adapters are saved the way PEFT saves them (`adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight`, `adapter_config.json`) and the config uses only keys that
+peft 0.7.1 (the version LESS pins) accepts, so LESS, current peft and this file all read them.
+
+    cfg = LoraConfig(r=8, alpha=16)
+    inject_lora(model, cfg)                    # targets -> LoRALinear, everything else frozen
+    ... train ...
+    save_adapter(model, cfg, "out/adapter", base_model_name_or_path="Qwen/Qwen2.5-0.5B")
+    load_adapter(fresh_model, "out/adapter")   # injects from the saved config, loads the weights
+    merge_and_unload(model).save_pretrained("out/merged")   # plain nn.Linear again, HF format
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
+PEFT_ADAPTER_NAME = "default"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# adapter_config.json keys that peft 0.7.1's LoraConfig(**json) accepts (anything else: TypeError in LESS).
+PEFT_071_KEYS = frozenset({
+    "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "r",
+    "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_config", "megatron_core", "loftq_config",
+})
+# Wrapper infixes (activation checkpointing, torch.compile) that never appear in HF / PEFT names.
+_WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False  # scaling alpha/sqrt(r); written to the config only when True (not LESS-readable)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive int, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoraConfig.target_modules is empty; give leaf module names such as q_proj v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (own `weight`, `bias`) plus a trainable low-rank update."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 bias: bool = False, use_rslora: bool = False, device=None, dtype=None, lora_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        lora_dtype = lora_dtype or dtype
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=lora_dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, lora_dtype=None) -> LoRALinear:
+        """Wrap `linear`, reusing its weight/bias Parameter objects (works on the meta device too)."""
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=False, use_rslora=use_rslora,
+                device="meta", dtype=w.dtype, lora_dtype=lora_dtype)  # meta: no throwaway base allocation
+        m.weight, m.bias = linear.weight, linear.bias
+        for p in (m.weight, m.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        m.lora_A.to_empty(device=w.device)
+        m.lora_B.to_empty(device=w.device)
+        m.reset_lora_parameters()
+        return m
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A ~ kaiming_uniform(a=sqrt(5)), B = 0. Safe after `to_empty` and on FSDP2-sharded (DTensor) params:
+        the full A is drawn on CPU from `generator` and each rank keeps its slice, so the init does not
+        depend on the world size."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.device.type == "meta":
+            return
+        full = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        _copy_full_into(a, full)
+        b.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        h = x.to(self.lora_A.weight.dtype)  # e.g. bf16 activations into fp32 adapters, and back
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(h))) * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, bias={self.bias is not None}, merged={self.merged}")
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full CPU tensor into `param`, which may be a plain tensor or a DTensor (each rank its slice)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements,
+                                  src_data_rank=None)  # no communication: every rank holds the same `full`
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+# --------------------------------------------------------------------------------------------------
+# Injection, merging
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject_lora(model: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every nn.Linear whose leaf name is in `cfg.target_modules` by a LoRALinear (in place) and
+    freeze every other parameter. `lm_head` is targeted only when listed; embeddings never are.
+    `dtype`: adapter dtype (default: that of the base weight). Returns the replaced module names."""
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; inject_lora once per model (or merge_and_unload first)")
+    targets = set(cfg.target_modules)
+    if "embed_tokens" in targets or "wte" in targets:
+        raise ValueError("LoRA on embedding layers is not supported; remove embed_tokens from target_modules")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [name for name, _ in linears if name.rsplit(".", 1)[-1] in targets]
+    if not chosen:
+        seen = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        raise ValueError(f"LoRA target_modules {sorted(targets)} matched no nn.Linear in "
+                         f"{type(model).__name__}; its Linear leaf names are {seen}. Pick some of these.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, LoRALinear.from_linear(getattr(parent, leaf), cfg.r, cfg.alpha, cfg.dropout,
+                                                     cfg.use_rslora, lora_dtype=dtype))
+    return chosen
+
+
+def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
+    """Re-initialise every adapter (A kaiming, B zero), e.g. after `model.to_empty(...)` of a meta model.
+    Each module draws from its own generator seeded by (seed, module name): the result does not depend on
+    module order or world size. seed=None draws a base seed from the global torch RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    for name, m in lora_modules(model).items():
+        g = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(_clean_fqn(name).encode())) % 2**63)
+        m.reset_lora_parameters(generator=g)
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put plain nn.Linear modules back under the same names (HF-exportable)."""
+    for name, m in lora_modules(model).items():
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, plain)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return (sum(p.numel() for _, p in trainable_parameters(model)), sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def merged_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """A full model state dict with LoRA tensors (our FQNs, e.g. gathered under FSDP2 with
+    `get_model_state_dict(..., full_state_dict=True, cpu_offload=True)`) -> the plain HF state dict with
+    every targeted weight replaced by W + scaling * B @ A (in fp32, cast back) and no lora_* keys."""
+    sd = {_clean_fqn(k): v for k, v in state_dict.items()}
+    out = {k: v for k, v in sd.items() if not _is_lora_key(k)}
+    for k in sd:
+        if k.endswith(".lora_A.weight"):
+            module = k[: -len(".lora_A.weight")]
+            w, a, b = sd[module + ".weight"], sd[k], sd[module + ".lora_B.weight"]
+            out[module + ".weight"] = (w.float() + (b.float() @ a.float()) * cfg.scaling).to(w.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT-format adapter files
+
+
+def _clean_fqn(fqn: str) -> str:
+    for infix in _WRAPPER_INFIXES:
+        fqn = fqn.replace(infix, "")
+    return fqn
+
+
+def _is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def peft_file_key(fqn: str) -> str:
+    """Our FQN `model.layers.0.self_attn.q_proj.lora_A.weight` -> the adapter file key
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (no adapter name)."""
+    fqn = _clean_fqn(fqn).replace(f".lora_A.{PEFT_ADAPTER_NAME}.", ".lora_A.")
+    fqn = fqn.replace(f".lora_B.{PEFT_ADAPTER_NAME}.", ".lora_B.")
+    return fqn if fqn.startswith(PEFT_PREFIX) else PEFT_PREFIX + fqn
+
+
+def peft_param_name(fqn: str) -> str:
+    """Our FQN -> the live PeftModel parameter name, with the adapter name:
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight` (LESS keys optimizer.bin so)."""
+    key = peft_file_key(fqn)
+    return key.replace(".lora_A.", f".lora_A.{PEFT_ADAPTER_NAME}.").replace(
+        ".lora_B.", f".lora_B.{PEFT_ADAPTER_NAME}.")
+
+
+def _fqn_from_peft_key(key: str) -> str:
+    """Adapter file key (with or without `.default.`) -> our FQN."""
+    key = key.replace(f".lora_A.{PEFT_ADAPTER_NAME}.", ".lora_A.").replace(
+        f".lora_B.{PEFT_ADAPTER_NAME}.", ".lora_B.")
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def adapter_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT file keys, detached, on CPU, contiguous. Takes a model or a state
+    dict keyed by our FQNs (e.g. the full adapter state dict gathered on rank 0 under FSDP2)."""
+    sd = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+          else model_or_state_dict)
+    out = {}
+    for k, v in sd.items():
+        if not _is_lora_key(k):
+            continue
+        if type(v) is not torch.Tensor and hasattr(v, "full_tensor"):
+            raise TypeError(f"adapter tensor {k} is a DTensor; gather first with get_model_state_dict(model, "
+                            "options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                            "ignore_frozen_params=True))")
+        out[peft_file_key(k)] = v.detach().to("cpu").contiguous()
+    if not out:
+        raise ValueError("no lora_A/lora_B tensors found: call inject_lora(model, cfg) before saving an adapter")
+    return out
+
+
+def adapter_config_dict(cfg: LoraConfig, base_model_name_or_path: str,
+                        target_modules: list[str] | None = None) -> dict:
+    """adapter_config.json content: only keys peft 0.7.1 accepts (plus use_rslora, only when True)."""
+    d = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": list(target_modules or cfg.target_modules),
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+    }
+    if cfg.use_rslora:
+        d["use_rslora"] = True  # peft >= 0.8 only: LESS (peft 0.7.1) cannot read such an adapter
+    return d
+
+
+def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg: LoraConfig,
+                 out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT format) into out_dir.
+    target_modules in the config are the leaf names actually adapted (from the tensors)."""
+    sd = adapter_state_dict(model_or_state_dict)
+    for k, v in sd.items():
+        r = v.shape[0] if ".lora_A." in k else v.shape[1]
+        if r != cfg.r:
+            raise ValueError(f"adapter tensor {k} has rank {r} but LoraConfig.r={cfg.r}; pass the config "
+                             "the model was injected with")
+    leaves = {k.split(".")[-3] for k in sd}  # ...q_proj.lora_A.weight -> q_proj
+    targets = [t for t in cfg.target_modules if t in leaves] + sorted(leaves - set(cfg.target_modules))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = adapter_config_dict(cfg, base_model_name_or_path, targets)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, str | None]:
+    """(LoraConfig, base_model_name_or_path) from a PEFT adapter_config.json; rejects PEFT features that
+    this file does not implement instead of silently loading something else."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    d = json.loads(path.read_text())
+    if d.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {d.get('peft_type')!r}, only 'LORA' adapters are supported")
+    unsupported = {
+        "bias": d.get("bias", "none") != "none", "fan_in_fan_out": bool(d.get("fan_in_fan_out")),
+        "modules_to_save": bool(d.get("modules_to_save")), "layers_to_transform": d.get("layers_to_transform") is not None,
+        "rank_pattern": bool(d.get("rank_pattern")), "alpha_pattern": bool(d.get("alpha_pattern")),
+        "use_dora": bool(d.get("use_dora")), "target_modules (regex string)": isinstance(d.get("target_modules"), str),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{path}: unsupported LoRA options {bad}; lora.py handles plain LoRA on nn.Linear "
+                         "(bias none, no fan_in_fan_out/modules_to_save/patterns/DoRA, target_modules a list)")
+    cfg = LoraConfig(r=int(d["r"]), alpha=d["lora_alpha"], dropout=float(d.get("lora_dropout") or 0.0),
+                     target_modules=tuple(d["target_modules"]), use_rslora=bool(d.get("use_rslora", False)))
+    return cfg, d.get("base_model_name_or_path")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a PEFT-format adapter onto `model` (its base). Injects LoRA from the adapter's config unless the
+    model already has LoRA layers. File keys may carry `.default.` or not. Errors name every missing,
+    unexpected or mis-shaped tensor."""
+    adapter_dir = Path(adapter_dir)
+    cfg, _ = read_adapter_config(adapter_dir)
+    modules = lora_modules(model)
+    if not modules:
+        inject_lora(model, cfg, dtype=dtype)
+        modules = lora_modules(model)
+    for name, m in modules.items():
+        if m.merged:
+            raise ValueError(f"{name} is merged; unmerge_lora(model) before loading an adapter")
+        if not math.isclose(m.scaling, cfg.scaling):
+            raise ValueError(f"{name} has scaling {m.scaling:g} but {adapter_dir} has {cfg.scaling:g} "
+                             f"(r={cfg.r}, lora_alpha={cfg.alpha}); load onto a model without LoRA layers")
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (only safetensors adapters are read)")
+    theirs = {_fqn_from_peft_key(k): v for k, v in load_file(str(path)).items()}
+    ours = {_clean_fqn(n): p for n, p in model.named_parameters() if _is_lora_key(n)}
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    shapes = [f"{k}: file {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}"
+              for k in sorted(ours.keys() & theirs.keys()) if theirs[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit this model: {len(missing)} missing {missing[:4]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:4]}, {len(shapes)} shape mismatches "
+                         f"{shapes[:4]}. Was the adapter trained on this base model and architecture?")
+    for k, p in ours.items():
+        p.copy_(theirs[k])
+    return model
