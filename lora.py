@@ -203,7 +203,8 @@ def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     for name, m in lora_modules(model).items():
-        g = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(_clean_fqn(name).encode())) % 2**63)
+        # the CPU generator (mt19937) uses only 32 seed bits: mix seed and name into those 32
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{_clean_fqn(name)}".encode()))
         m.reset_lora_parameters(generator=g)
 
 

@@ -1,0 +1,276 @@
+"""lora.py on tiny random models: identity at init, only adapters train, merge/unmerge, PEFT-format files
+that round-trip through our loader and through peft + transformers with the same logits."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import lora
+from lora import LoraConfig, LoRALinear
+
+VOCAB = 96
+
+
+def _hf_tiny(out_dir, arch: str, seed: int):
+    """Stand-in for model.make_tiny until model.py lands: a tiny transformers model saved in HF format."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw)))
+    model.save_pretrained(out_dir)
+
+
+def _load_base(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"base_{request.param}")
+    _hf_tiny(out, request.param, seed=0)
+    return out
+
+
+def logits(model, ids):
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def randomize_adapters(model, seed=1):
+    """B is zero at init; give it values so adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
+
+
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+CFG = LoraConfig(r=4, alpha=8)
+
+
+def test_fresh_adapter_is_identity_and_only_adapters_train(base_dir):
+    model = _load_base(base_dir)
+    with torch.no_grad():
+        ref = logits(model, IDS)
+    names = lora.inject_lora(model, CFG)
+    assert len(names) == 2 * 7 and all(n.startswith("model.layers.") for n in names)
+    assert not isinstance(model.lm_head, LoRALinear)
+    with torch.no_grad():
+        assert torch.equal(logits(model, IDS), ref)
+    trainable = {n for n, _ in lora.trainable_parameters(model)}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = F.cross_entropy(logits(model, IDS[:, :-1]).flatten(0, 1), IDS[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if ".lora_" in k}  # every adapter moved, nothing else did
+
+
+def test_merge_unmerge_and_merge_and_unload(base_dir):
+    model = _load_base(base_dir)
+    lora.inject_lora(model, CFG)
+    randomize_adapters(model)
+    base_w = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        adapted = logits(model, IDS)
+        lora.merge_lora(model)
+        assert all(m.merged for m in lora.lora_modules(model).values())
+        torch.testing.assert_close(logits(model, IDS), adapted, atol=1e-5, rtol=0)
+        lora.unmerge_lora(model)
+        for k, v in model.state_dict().items():
+            if k in base_w:
+                torch.testing.assert_close(v, base_w[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(model, IDS), adapted, atol=1e-5, rtol=0)
+
+    full_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = lora.merge_and_unload(model)
+    assert not lora.lora_modules(plain)
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert plain.state_dict().keys() == base_w.keys()  # HF names again
+    with torch.no_grad():
+        torch.testing.assert_close(logits(plain, IDS), adapted, atol=1e-5, rtol=0)
+    merged = lora.merged_state_dict(full_sd, CFG)  # the FSDP export path: merge a gathered state dict
+    assert merged.keys() == base_w.keys()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=0)
+
+
+def test_save_load_roundtrip_exact(base_dir, tmp_path):
+    model = _load_base(base_dir)
+    lora.inject_lora(model, CFG)
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = logits(model, IDS)
+    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base_dir))
+
+    cfg, base_name = lora.read_adapter_config(tmp_path)
+    assert (cfg.r, cfg.alpha, cfg.dropout, base_name) == (CFG.r, CFG.alpha, CFG.dropout, str(base_dir))
+    fresh = lora.load_adapter(_load_base(base_dir), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(logits(fresh, IDS), adapted)
+
+    # keys with the live PEFT adapter name (`.default.`) load too
+    sd = load_file(str(tmp_path / lora.ADAPTER_WEIGHTS))
+    save_file({lora.peft_param_name(k): v for k, v in sd.items()}, str(tmp_path / lora.ADAPTER_WEIGHTS))
+    again = lora.load_adapter(_load_base(base_dir), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(logits(again, IDS), adapted)
+
+
+def test_save_from_gathered_state_dict_and_peft071_files(base_dir, tmp_path):
+    model = _load_base(base_dir)
+    lora.inject_lora(model, CFG)
+    randomize_adapters(model)
+    # what sft.py passes under FSDP2: adapter-only state dict keyed by our FQNs
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    lora.save_adapter(sd, CFG, tmp_path / "from_sd", base_model_name_or_path="base")
+    lora.save_adapter(model, CFG, tmp_path / "from_model", base_model_name_or_path="base")
+    a = load_file(str(tmp_path / "from_sd" / lora.ADAPTER_WEIGHTS))
+    b = load_file(str(tmp_path / "from_model" / lora.ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in a
+    for k in a:
+        assert k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+        assert ".default." not in k and "embed" not in k and "lm_head" not in k
+    assert a["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (CFG.r, 64)
+    assert a["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, CFG.r)
+
+    config = json.loads((tmp_path / "from_sd" / lora.ADAPTER_CONFIG).read_text())
+    assert set(config) <= lora.PEFT_071_KEYS
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+    assert config["target_modules"] == list(lora.DEFAULT_TARGETS)
+    assert (config["r"], config["lora_alpha"]) == (CFG.r, CFG.alpha)
+
+    assert lora.peft_param_name("model.layers.0.self_attn.q_proj.lora_A.weight") == \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+def test_rslora_key_written_only_when_set(base_dir, tmp_path):
+    model = _load_base(base_dir)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), use_rslora=True)
+    lora.inject_lora(model, cfg)
+    assert lora.lora_modules(model)["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / 2)
+    lora.save_adapter(model, cfg, tmp_path, base_model_name_or_path="base")
+    config = json.loads((tmp_path / lora.ADAPTER_CONFIG).read_text())
+    assert config["use_rslora"] is True and config["target_modules"] == ["q_proj", "v_proj"]
+    assert lora.read_adapter_config(tmp_path)[0].use_rslora
+
+
+def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _load_base(base_dir)
+    lora.inject_lora(model, CFG)
+    randomize_adapters(model)
+    with torch.no_grad():
+        ours = logits(model, IDS)
+    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base_dir))
+
+    theirs_model = peft.PeftModel.from_pretrained(_load_base(base_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs_model, IDS), ours, atol=1e-5, rtol=0)
+    # LESS keys optimizer.bin by the live PeftModel names: peft_param_name must produce exactly those
+    peft_names = [n for n, _ in theirs_model.named_parameters() if "lora_" in n]
+    ours_names = [lora.peft_param_name(n) for n, _ in model.named_parameters() if "lora_" in n]
+    assert ours_names == peft_names
+
+    merged_dir = tmp_path / "merged"
+    lora.merge_and_unload(model).save_pretrained(merged_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(_load_base(merged_dir), IDS), ours, atol=1e-5, rtol=0)
+
+
+def test_bf16_base_fp32_adapters(base_dir):
+    model = _load_base(base_dir)
+    lora.inject_lora(model, CFG)
+    randomize_adapters(model)
+    with torch.no_grad():
+        ref = logits(model, IDS)
+    mixed = copy.deepcopy(model)
+    for n, p in mixed.named_parameters():
+        if ".lora_" not in n:
+            p.data = p.data.to(torch.bfloat16)
+    q = lora.lora_modules(mixed)["model.layers.0.self_attn.q_proj"]
+    assert q.weight.dtype == torch.bfloat16 and q.lora_A.weight.dtype == torch.float32
+    out = logits(mixed, IDS)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.detach().float(), ref, atol=0.1, rtol=0.05)
+    loss = out.float().square().mean()
+    loss.backward()
+    assert q.lora_B.weight.grad is not None and q.lora_B.weight.grad.dtype == torch.float32
+    assert q.weight.grad is None
+
+
+def test_meta_inject_then_reset_is_seeded_and_order_free(base_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    models = []
+    for _ in range(2):
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(config)
+        lora.inject_lora(m, CFG, dtype=torch.float32)
+        assert lora.lora_modules(m)["model.layers.0.self_attn.q_proj"].lora_A.weight.is_meta
+        m.to_empty(device="cpu")
+        models.append(m)
+    lora.reset_lora_parameters(models[0], seed=3)
+    torch.manual_seed(123)  # global RNG state must not matter when a seed is given
+    lora.reset_lora_parameters(models[1], seed=3)
+    a0, a1 = lora.lora_modules(models[0]), lora.lora_modules(models[1])
+    for name in a0:
+        assert torch.equal(a0[name].lora_A.weight, a1[name].lora_A.weight)
+        assert not a0[name].lora_B.weight.any()
+        bound = 1 / a0[name].in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) on (r, in)
+        assert a0[name].lora_A.weight.abs().max() <= bound and a0[name].lora_A.weight.std() > bound / 4
+    q, k = a0["model.layers.0.self_attn.q_proj"], a0["model.layers.0.self_attn.k_proj"]
+    assert not torch.equal(q.lora_A.weight, k.lora_A.weight)
+    lora.reset_lora_parameters(models[1], seed=4)
+    assert not torch.equal(a1["model.layers.0.self_attn.q_proj"].lora_A.weight, q.lora_A.weight)
+
+
+def test_errors(base_dir, tmp_path):
+    model = _load_base(base_dir)
+    with pytest.raises(ValueError, match=r"matched no nn.Linear.*q_proj"):
+        lora.inject_lora(model, LoraConfig(target_modules=("qkv", "c_attn")))
+    with pytest.raises(ValueError, match="embedding"):
+        lora.inject_lora(model, LoraConfig(target_modules=("embed_tokens",)))
+
+    lora.inject_lora(model, CFG)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.inject_lora(model, CFG)
+    lora.save_adapter(model, CFG, tmp_path / "r4", base_model_name_or_path="base")
+    other = _load_base(base_dir)
+    lora.inject_lora(other, LoraConfig(r=8, alpha=16))  # same scaling, other rank
+    with pytest.raises(ValueError, match=r"shape mismatches.*lora_A.weight: file \(4, 32\) vs model \(8, 32\)"):
+        lora.load_adapter(other, tmp_path / "r4")
+    with pytest.raises(ValueError, match="rank 4 but LoraConfig.r=8"):
+        lora.save_adapter(model, LoraConfig(r=8), tmp_path / "bad", base_model_name_or_path="base")
+
+    qv = _load_base(base_dir)
+    lora.inject_lora(qv, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    with pytest.raises(ValueError, match=r"missing"):
+        lora.load_adapter(qv, tmp_path / "r4")  # the file has k/o/mlp adapters this model lacks
+    config = json.loads((tmp_path / "r4" / lora.ADAPTER_CONFIG).read_text())
+    (tmp_path / "r4" / lora.ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        lora.read_adapter_config(tmp_path / "r4")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.read_adapter_config(tmp_path)
