@@ -1,0 +1,868 @@
+"""evalmath: prompts -> KV-cached batched decoding -> extraction -> grading -> result JSON and reports.
+
+    python evalmath.py --model PATH [--adapter PATH] --datasets gsm8k math math500 [--limit N] ...
+    python evalmath.py --config configs/eval.yaml --model PATH --datasets gsm8k   # YAML defaults, flags win
+    torchrun --standalone --nproc_per_node 2 evalmath.py --model PATH ...        # data-parallel: same results
+    python evalmath.py grade --input preds.jsonl --output verdicts.jsonl          # re-grade without a model
+    python evalmath.py report RUN [RUN ...] [--out docs/reports/compare.md]       # one table over runs
+    python evalmath.py review export RUN --out failures.csv                       # manual review
+    python evalmath.py review import RUN --csv corrected.csv
+
+Read top to bottom:
+  1. protocols  - zero-shot CoT in the checkpoint's template (default), a no-CoT variant, and the few-shot
+                  protocols of lm-evaluation-harness: gsm8k_cot (8 Wei et al. exemplars) and minerva_math
+                  (4 Minerva exemplars); each has a versioned name written into the results
+  2. config     - a typed dataclass; YAML defaults via --config (unknown keys are errors), flags override
+  3. loading    - base model, full checkpoint or LoRA checkpoint (+ adapter, merged), tokenizer, EOS ids
+  4. decoding   - length-sorted batches through model.generate (KV-cached), stop strings, n samples
+  5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
+  6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
+  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + docs/reports/<run_id>.md
+  8. CLI        - the plain form and the grade / report / review subcommands
+
+Model output is untrusted text: it is only matched with regexes and handed to grader.py (which never
+evaluates it). Greedy results do not depend on the batch size or the number of ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+
+import reports
+
+REPO = Path(__file__).resolve().parent
+RESULT_FORMAT = "mathsft-eval-v1"
+GRADER_DATASETS = ("gsm8k", "math")
+
+# ----------------------------------------------------------------------------- 1. protocols
+
+# lm-evaluation-harness `gsm8k_cot` (task version 3.0, lm_eval/tasks/gsm8k/gsm8k-cot.yaml): the 8 chain-of-
+# thought exemplars of Wei et al. 2022, `first_n` sampler, doc_to_text "Q: {question}\nA:", target_delimiter
+# " ", fewshot_delimiter "\n\n", until ["Q:", "</s>", "<|im_end|>"], greedy.
+GSM8K_COT_EXEMPLARS: tuple[tuple[str, str], ...] = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
+     "now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+     "5 + 4 = 9. The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+)
+
+# lm-evaluation-harness `minerva_math_*` (lm_eval/tasks/minerva_math/utils.py, list_fewshot_samples): the 4
+# Minerva (Lewkowycz et al. 2022) exemplars, verbatim, quirks included (the stray "}" in the first problem and
+# the "\" + newline where LaTeX has "\\"). doc_to_text "Problem:\n{problem}\n\nSolution:", the exemplar target
+# is the solution, target_delimiter " ", fewshot_delimiter "\n\n", until ["Problem:"], greedy.
+MINERVA_MATH_EXEMPLARS: tuple[tuple[str, str], ...] = (
+    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}",
+     "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and "
+     "$5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives "
+     "$x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is "
+     "$[2,5)$. I hope it is correct."),
+    ("If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+     "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = "
+     "\\boxed{24}.$\nFinal Answer: The final answer is $24$. I hope it is correct."),
+    ("Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many "
+     "times must Terrell lift them in order to lift the same total weight?",
+     "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of "
+     "weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of "
+     "$2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n"
+     "\\begin{align*}\n30n&=480\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\n"
+     "Final Answer: The final answer is $16$. I hope it is correct."),
+    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\n6y-9x &=b.\n\\end{align*}has a solution "
+     "$(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
+     "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we "
+     "also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
+     "Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct."),
+)
+GSM8K_STOPS = ("Q:", "</s>", "<|im_end|>")
+MINERVA_STOPS = ("Problem:",)
+# Chat end tokens that also stop decoding when the tokenizer has them (beside generation_config's EOS ids).
+CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+# The zero-shot no-CoT variant (--cot false) swaps the templates' step-by-step instruction for this one.
+COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DIRECT_INSTRUCTION = "Give only the final answer within \\boxed{}, without any explanation."
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How prompts are built and decoding is stopped; `name` is versioned and written into every result."""
+
+    name: str  # e.g. "gsm8k-8shot-cot-lmeval@v1"
+    dataset: str  # grader dataset: gsm8k | math
+    num_fewshot: int
+    cot: bool
+    template: str | None  # data/prompts template (zero-shot protocols only)
+    stop_strings: tuple[str, ...]
+    reference: str  # what it reproduces
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"stop_strings": list(self.stop_strings)}
+
+
+def make_protocol(dataset: str, num_fewshot: int = 0, cot: bool = True, template=None,
+                  extra_stops: tuple[str, ...] = ()) -> Protocol:
+    """The protocol for a grader dataset ("gsm8k" or "math"; MATH-500 is "math"). `template` (a data.Template)
+    is used by the zero-shot protocols: its name goes into the protocol name, its stop strings are added."""
+    if dataset not in GRADER_DATASETS:
+        raise ValueError(f"dataset {dataset!r}: expected one of {GRADER_DATASETS}")
+    if num_fewshot < 0:
+        raise ValueError(f"--num_fewshot {num_fewshot}: must be >= 0")
+    if num_fewshot == 0:
+        if template is None:
+            raise ValueError("zero-shot protocols need a template (data.load_template(name))")
+        style = "cot" if cot else "direct"
+        return Protocol(f"{dataset}-0shot-{style}-{template.name}@v1", dataset, 0, cot, template.name,
+                        tuple(template.stop) + tuple(extra_stops),
+                        "zero-shot in the checkpoint's prompt template, \\boxed{} answer (eval-protocols.md §7)"
+                        + ("" if cot else "; instruction to answer directly"))
+    exemplars = GSM8K_COT_EXEMPLARS if dataset == "gsm8k" else MINERVA_MATH_EXEMPLARS
+    if num_fewshot > len(exemplars):
+        raise ValueError(f"--num_fewshot {num_fewshot}: the {dataset} few-shot protocol has "
+                         f"{len(exemplars)} exemplars (lm-eval uses all {len(exemplars)})")
+    style = "cot" if cot else "direct"
+    if dataset == "gsm8k":
+        return Protocol(f"gsm8k-{num_fewshot}shot-{style}-lmeval@v1", "gsm8k", num_fewshot, cot, None,
+                        GSM8K_STOPS + tuple(extra_stops),
+                        "lm-evaluation-harness gsm8k_cot v3.0 prompt (Wei et al. 2022 exemplars)"
+                        + ("" if cot else "; exemplars reduced to 'The answer is N.'"))
+    return Protocol(f"math-{num_fewshot}shot-{style}-minerva@v1", "math", num_fewshot, cot, None,
+                    MINERVA_STOPS + tuple(extra_stops),
+                    "lm-evaluation-harness minerva_math v1.0 prompt (Lewkowycz et al. 2022 exemplars)"
+                    + ("" if cot else "; exemplars reduced to the 'Final Answer:' line"))
+
+
+def _direct_target(target: str, dataset: str) -> str:
+    """A few-shot exemplar without its reasoning: only its final-answer sentence."""
+    marker = "The answer is" if dataset == "gsm8k" else "Final Answer:"
+    return target[target.rindex(marker):]
+
+
+def fewshot_prompt(protocol: Protocol, question: str) -> str:
+    """The prompt string exactly as lm-eval builds it: (text + " " + target + "\\n\\n") per exemplar + text."""
+    if protocol.dataset == "gsm8k":
+        exemplars, doc_to_text = GSM8K_COT_EXEMPLARS, "Q: {}\nA:".format
+    else:
+        exemplars, doc_to_text = MINERVA_MATH_EXEMPLARS, "Problem:\n{}\n\nSolution:".format
+    parts = []
+    for q, target in exemplars[:protocol.num_fewshot]:
+        target = target if protocol.cot else _direct_target(target, protocol.dataset)
+        parts.append(doc_to_text(q) + " " + target + "\n\n")
+    return "".join(parts) + doc_to_text(question)
+
+
+def direct_template(template):
+    """The no-CoT variant of a template: the step-by-step instruction swapped for 'answer directly'."""
+    if COT_INSTRUCTION in template.prompt:
+        prompt = template.prompt.replace(COT_INSTRUCTION, DIRECT_INSTRUCTION)
+    else:
+        prompt = template.prompt.replace("{question}", "{question}\n" + DIRECT_INSTRUCTION, 1)
+    return dataclasses.replace(template, prompt=prompt)
+
+
+def prompt_ids(protocol: Protocol, question: str, tokenizer, template=None) -> list[int]:
+    """Token ids of one prompt. Few-shot: the lm-eval string, tokenized with the tokenizer's own special
+    tokens (BOS for Llama, none for Qwen). Zero-shot: data.encode_prompt with the template, BOS as in training."""
+    if protocol.num_fewshot > 0:
+        return tokenizer(fewshot_prompt(protocol, question), add_special_tokens=True)["input_ids"]
+    import data
+
+    if template is None:
+        raise ValueError("zero-shot protocols need a template (data.load_template(name))")
+    return data.encode_prompt(template if protocol.cot else direct_template(template), question, tokenizer)
+
+
+# ----------------------------------------------------------------------------- 2. config
+
+def _parse_bool(args: list[str]) -> bool:
+    if not args:
+        return True
+    word = args[0].strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {args[0]!r}")
+
+
+def _bool_spec():
+    import tyro
+
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=(0, 1), metavar="[{true,false}]", instance_from_str=_parse_bool,
+        is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda b: [str(b).lower()])
+
+
+def _flex_bool():
+    """`--flag`, `--flag true`, `--flag false` (tyro nargs=(0, 1), notes/torch-native.md §7)."""
+    import tyro
+
+    return Annotated[tyro.conf.FlagConversionOff[bool], _bool_spec()]
+
+
+FlexBool = _flex_bool()
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model (base, full checkpoint or LoRA checkpoint) on GSM8K / MATH / MATH-500."""
+
+    model: str | None = None  # base model folder, full checkpoint, LoRA checkpoint, or a sft job folder
+    adapter: str | None = None  # LoRA adapter folder to put on --model
+    base_model: str | None = None  # overrides the base path recorded in a LoRA checkpoint's adapter_config.json
+    datasets: tuple[str, ...] = ()  # gsm8k | math | math500
+    data_dir: str = "data/raw"  # folder with <dataset>/<split>.jsonl
+    dataset_file: str | None = None  # any jsonl in the unified schema (question, answer)
+    grade_as: str | None = None  # grader dataset for --dataset_file (gsm8k | math); default: guessed
+    split: str = "test"
+    limit: int | None = None  # first N problems of each dataset
+    batch_size: int = 16
+    max_new_tokens: int = 1024
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n_samples: int = 1  # >1 (with temperature > 0): pass@k and majority vote
+    seed: int = 0
+    template: str | None = None  # data/prompts template; default: the one recorded in the checkpoint
+    num_fewshot: int = 0  # > 0: the lm-eval few-shot protocols (gsm8k_cot 8-shot, minerva_math 4-shot)
+    cot: FlexBool = True  # false: answer directly, no chain of thought
+    stop_strings: tuple[str, ...] = ()  # extra stop strings (besides the protocol's and the EOS tokens)
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    merge_lora: FlexBool = True  # fold the adapter into the weights before decoding (faster, same outputs)
+    output_dir: str = "outputs/eval"
+    reports_dir: str = "docs/reports"
+    write_report: FlexBool = True
+    run_id: str | None = None  # default: <model>-<protocol>-<YYYYmmdd-HHMMSS>
+    quiet: FlexBool = False
+
+
+def _config_fields() -> dict[str, typing.Any]:
+    return typing.get_type_hints(EvalConfig, include_extras=True)
+
+
+def config_from_yaml(path: str | os.PathLike) -> EvalConfig:
+    """Defaults from a YAML file; unknown keys are errors with a did-you-mean."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --config {path}: file not found") from e
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: --config {path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: --config {path}: expected a mapping of option: value")
+    names = list(_config_fields())
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            raise SystemExit(f"error: {path}: unknown key '{key}'{hint}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return EvalConfig(**values)
+
+
+def parse_config(argv: list[str]) -> EvalConfig:
+    """--config YAML (optional) for defaults, then tyro flags (underscores) on top."""
+    import tyro
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    base = config_from_yaml(known.config) if known.config else EvalConfig()
+    return tyro.cli(EvalConfig, default=base, args=rest, use_underscores=True,
+                    console_outputs=int(os.environ.get("RANK", "0")) == 0)
+
+
+# ----------------------------------------------------------------------------- 3. loading
+
+@dataclass
+class ModelSource:
+    """Where the weights, the adapter, the tokenizer and the template come from."""
+
+    base: Path  # HF folder with config.json + safetensors
+    adapter: Path | None
+    tokenizer: Path
+    template: str | None
+    template_from: str | None  # the file the template name was read from
+
+
+def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: {flag} {p}: no such file or folder")
+    if p.is_dir() and (p / "latest").is_file() and not (p / "config.json").exists() \
+            and not (p / "adapter_config.json").exists():
+        name = (p / "latest").read_text().strip()  # an sft job folder: its newest complete checkpoint
+        p = p / name
+    return p
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                           "tokenizer_config.json"))
+
+
+def _find_key(obj, key: str, depth: int = 0):
+    """First value of `key` in nested dicts (breadth first: top level wins)."""
+    if not isinstance(obj, dict) or depth > 3:
+        return None
+    if isinstance(obj.get(key), str):
+        return obj[key]
+    for v in obj.values():
+        found = _find_key(v, key, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def find_template(folder: Path) -> tuple[str | None, str | None]:
+    """The prompt template recorded by sft.py: a `template` field in the checkpoint's JSON metadata
+    (trainer_state.json, mathsft.json, ...), else in the data cache meta.json its config points to."""
+    for d in (folder, folder.parent):
+        for name in ("trainer_state.json", "mathsft.json", "train_state.json", "meta.json"):
+            p = d / name
+            if not p.is_file():
+                continue
+            try:
+                meta = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if _find_key(meta, "template"):
+                return _find_key(meta, "template"), str(p)
+            for key in ("cache_dir", "data_cache", "data_cache_dir"):
+                cache = _find_key(meta, key)
+                if cache and (Path(cache) / "meta.json").is_file():
+                    t = _find_key(json.loads((Path(cache) / "meta.json").read_text()), "template")
+                    if t:
+                        return t, str(Path(cache) / "meta.json")
+    return None, None
+
+
+def resolve_model(model: str, adapter: str | None = None, base_model: str | None = None) -> ModelSource:
+    """Base model, full checkpoint (HF weights) or LoRA checkpoint (base path from adapter_config.json)."""
+    import lora
+
+    path = _resolve_dir(model, "--model")
+    adapter_dir = _resolve_dir(adapter, "--adapter") if adapter else None
+    if adapter_dir is None and (path / lora.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        adapter_dir = path
+    if adapter_dir is not None and adapter_dir == path:
+        _, recorded = lora.read_adapter_config(adapter_dir)
+        base_str = base_model or recorded
+        if not base_str:
+            raise SystemExit(f"error: {adapter_dir}/{lora.ADAPTER_CONFIG} names no base_model_name_or_path; "
+                             "pass --base_model PATH")
+        base = _resolve_dir(base_str, "--base_model" if base_model else
+                            f"base_model_name_or_path in {adapter_dir}/{lora.ADAPTER_CONFIG}")
+    else:
+        base = _resolve_dir(base_model, "--base_model") if base_model else path
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"error: {base} has no config.json: expected a Hugging Face model folder, an sft "
+                         "checkpoint (checkpoint-N/) or a LoRA adapter folder")
+    meta_dir = adapter_dir or path
+    template, template_from = find_template(meta_dir)
+    tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
+    return ModelSource(base, adapter_dir, tok_dir, template, template_from)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise SystemExit(f"error: --dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True):
+    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`."""
+    from transformers import AutoTokenizer
+
+    import lora
+    from model import Transformer
+
+    model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
+    if src.adapter is not None:
+        lora.load_adapter(model, src.adapter, dtype=dtype)
+        if merge:
+            lora.merge_lora(model)
+    tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
+    return model.eval(), tokenizer
+
+
+def eos_token_ids(tokenizer, generation_config: dict | None = None) -> list[int]:
+    """generation_config's eos list + the tokenizer's EOS + chat end tokens that exist in the vocabulary."""
+    ids: set[int] = set()
+    eos = (generation_config or {}).get("eos_token_id")
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in CHAT_END_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------- 4. decoding
+
+@dataclass
+class Generation:
+    text: str  # decoded (special tokens kept) and cut at the first stop string
+    n_tokens: int  # generated tokens, stopping EOS excluded
+    finish_reason: str  # eos | stop | length
+
+
+def cut_at_stops(text: str, stop_strings: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _stop_checker(tokenizer, stop_strings: tuple[str, ...]):
+    """should_stop(row, tokens) for model.generate: a stop string in the decoded tail of the row."""
+    if not stop_strings:
+        return None
+    window = max(len(s) for s in stop_strings) + 3  # each token decodes to >= 1 character (a few bytes: less)
+
+    def should_stop(_row: int, tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+        return any(s in tail for s in stop_strings)
+
+    return should_stop
+
+
+def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+           eos_ids: list[int], stop_strings: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
+           seed: int = 0, progress: bool = False) -> list[Generation]:
+    """Generate for every prompt in length-sorted batches (longest first, as lm-eval does); same order out."""
+    from model import generate
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed) \
+        if temperature > 0 else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    should_stop = _stop_checker(tokenizer, stop_strings)
+    out: list[Generation | None] = [None] * len(prompts)
+    t0 = time.time()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        gens = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, temperature=temperature,
+                        top_p=top_p, generator=generator,
+                        should_stop=(lambda r, toks: should_stop(r, toks)) if should_stop else None, pad_id=pad_id)
+        for i, g in zip(idx, gens):
+            text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
+            reason = "stop" if stopped else g.finish_reason
+            out[i] = Generation(text, len(g.tokens), reason)
+        if progress:
+            done = min(start + batch_size, len(order))
+            print(f"  decoded {done}/{len(order)} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- 5. grading
+
+def gold_of(record: dict) -> str:
+    gold = record.get("answer")
+    if gold is None:
+        gold = (record.get("meta") or {}).get("answer_raw")
+    if gold is None:
+        raise SystemExit(f"error: record {record.get('id')!r} has no gold answer (field 'answer'); evaluation "
+                         "needs question/answer rows")
+    return str(gold)
+
+
+def grade_response(response: str, gold: str, dataset: str, truncated: bool = False) -> dict:
+    """grader.grade as a plain dict {correct, extracted, error_type}: the one grading path of evalmath."""
+    import grader
+
+    v = grader.grade(response, gold, dataset, truncated=truncated)
+    return {"correct": bool(v.correct), "extracted": v.extracted, "error_type": v.error_type}
+
+
+def make_item(record: dict, gens: list[Generation], dataset: str) -> dict:
+    """Per-item result; with several samples the first one fills the top-level fields."""
+    gold = gold_of(record)
+    samples = []
+    for g in gens:
+        truncated = g.finish_reason == "length"
+        samples.append({"response": g.text, **grade_response(g.text, gold, dataset, truncated),
+                        "n_tokens": g.n_tokens, "truncated": truncated, "finish_reason": g.finish_reason})
+    meta = record.get("meta") or {}
+    item = {"id": str(record["id"]), "question": record["question"], "gold": gold, **samples[0],
+            "subject": meta.get("subject"), "level": meta.get("level")}
+    if len(samples) > 1:
+        item["samples"] = samples
+        winner = reports.majority_vote(samples)
+        item["majority_answer"] = winner["extracted"] if winner else None
+        item["majority_correct"] = bool(winner and winner["correct"])
+    return item
+
+
+# ----------------------------------------------------------------------------- 6. API (also sft.py's)
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate_records(model, tokenizer, records: list[dict], template=None, dataset: str = "gsm8k",
+                     max_new_tokens: int = 512, batch_size: int = 16, *, num_fewshot: int = 0, cot: bool = True,
+                     temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int = 0,
+                     eos_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
+                     shard: bool = True, progress: bool = False) -> tuple[list[dict], dict]:
+    """Decode, grade and summarize `records` with an in-memory model; no file I/O.
+
+    template: a data.Template or its name (zero-shot protocols; ignored few-shot). dataset: the grader dataset ("gsm8k" or
+    "math"). Under torch.distributed (and shard=True) each rank decodes records[rank::world] and every rank
+    gets the merged items (all_gather_object), in record order. Returns (items, summary)."""
+    if n_samples > 1 and temperature <= 0:
+        raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples are all the same)")
+    if isinstance(template, str):
+        import data
+
+        template = data.load_template(template)
+    protocol = make_protocol(dataset, num_fewshot, cot, template if num_fewshot == 0 else None,
+                             tuple(stop_strings))
+    rank, world = _dist_info() if shard else (0, 1)
+    mine = list(range(len(records)))[rank::world]
+    prompts = [prompt_ids(protocol, records[i]["question"], tokenizer, template) for i in mine]
+    if eos_ids is None:
+        eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+    was_training = model.training
+    model.eval()
+    gens = decode(model, tokenizer, [p for p in prompts for _ in range(n_samples)],
+                  max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=eos_ids,
+                  stop_strings=protocol.stop_strings, temperature=temperature, top_p=top_p,
+                  seed=seed + rank, progress=progress)
+    model.train(was_training)
+    items = [(i, make_item(records[i], gens[k * n_samples:(k + 1) * n_samples], dataset))
+             for k, i in enumerate(mine)]
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, items)
+        items = [x for part in gathered for x in part]
+    items = [it for _, it in sorted(items, key=lambda x: x[0])]
+    return items, reports.summarize(items)
+
+
+# ----------------------------------------------------------------------------- 7. runs
+
+def load_eval_records(name: str, cfg: EvalConfig) -> list[dict]:
+    """One dataset's records via data.load_records (named dataset or --dataset_file path)."""
+    import data
+
+    try:
+        return data.load_records(name, cfg.split, cfg.data_dir)
+    except (data.DataError, FileNotFoundError) as e:
+        flag = "--dataset_file" if name == cfg.dataset_file else "--datasets/--data_dir"
+        raise SystemExit(f"error: {flag}: {e}") from e
+
+
+def guess_grader_dataset(records: list[dict]) -> str:
+    """gsm8k when every gold answer is a plain number, else math (for --dataset_file without --grade_as)."""
+    import re
+
+    numeric = re.compile(r"-?[\d,]*\.?\d+")
+    return "gsm8k" if records and all(numeric.fullmatch(gold_of(r).strip()) for r in records) else "math"
+
+
+def eval_sets(cfg: EvalConfig) -> list[tuple[str, str, list[dict]]]:
+    """(name, grader dataset, records) for every requested dataset, each cut to --limit."""
+    out = []
+    for name in cfg.datasets:
+        if name not in ("gsm8k", "math", "math500"):
+            near = difflib.get_close_matches(name, ["gsm8k", "math", "math500"], n=1)
+            raise SystemExit(f"error: --datasets {name}: expected gsm8k, math or math500"
+                             + (f"; did you mean '{near[0]}'?" if near else "") + " (other files: --dataset_file)")
+        out.append((name, "gsm8k" if name == "gsm8k" else "math", load_eval_records(name, cfg)))
+    if cfg.dataset_file:
+        records = load_eval_records(cfg.dataset_file, cfg)
+        if cfg.grade_as is not None and cfg.grade_as not in GRADER_DATASETS:
+            raise SystemExit(f"error: --grade_as {cfg.grade_as}: expected gsm8k or math")
+        out.append((Path(cfg.dataset_file).stem, cfg.grade_as or guess_grader_dataset(records), records))
+    return [(n, g, r[:cfg.limit] if cfg.limit is not None else r) for n, g, r in out]
+
+
+def data_hash(records: list[dict]) -> str:
+    """sha256 of the evaluated records (id, question, gold), in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([str(r["id"]), r["question"], gold_of(r)], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "result_format": RESULT_FORMAT}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["git_commit"] = commit + ("+dirty" if dirty else "") if commit else None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def make_run_id(model: str, protocol: Protocol, stamp: str) -> str:
+    p = Path(model)
+    name = f"{p.parent.name}-{p.name}" if p.name.startswith("checkpoint-") else p.name
+    raw = f"{name}-{protocol.name.replace('@', '_')}-{stamp}"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in raw)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    if not cfg.model:
+        raise SystemExit("error: --model PATH is required (a model folder, checkpoint or LoRA adapter)")
+    if not cfg.datasets and not cfg.dataset_file:
+        raise SystemExit("error: nothing to evaluate: pass --datasets gsm8k math math500 and/or "
+                         "--dataset_file FILE.jsonl")
+    for flag, value, ok in (("--batch_size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1),
+                            ("--n_samples", cfg.n_samples, cfg.n_samples >= 1),
+                            ("--top_p", cfg.top_p, 0 < cfg.top_p <= 1),
+                            ("--temperature", cfg.temperature, cfg.temperature >= 0),
+                            ("--limit", cfg.limit, cfg.limit is None or cfg.limit >= 1)):
+        if not ok:
+            raise SystemExit(f"error: {flag} {value}: out of range")
+    if cfg.n_samples > 1 and cfg.temperature <= 0:
+        raise SystemExit("error: --n_samples > 1 needs --temperature > 0 (greedy samples are all identical)")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """torchrun: one process group (nccl on GPU, gloo on CPU); each rank decodes a shard."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _dist_info()
+
+
+def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
+                 items: list[dict], summary: dict, extra: dict) -> dict:
+    run_id = cfg.run_id or make_run_id(cfg.model, protocol, extra.pop("stamp"))
+    if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
+        run_id = f"{cfg.run_id}-{name}"
+    decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size")}
+    config = {"model": cfg.model, "adapter": str(src.adapter) if src.adapter else None,
+              "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
+              "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
+              "n_problems": len(records), "data_hash": data_hash(records),
+              "protocol": protocol.to_dict() | {"template_from": src.template_from if protocol.template else None},
+              "decoding": decoding | extra.pop("decoding"), "seed": cfg.seed, "versions": versions(),
+              "args": dataclasses.asdict(cfg)}
+    return {"format": RESULT_FORMAT, "run_id": run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "config": config, "summary": summary, **extra, "items": items}
+
+
+def run(cfg: EvalConfig) -> list[Path]:
+    """Evaluate cfg.model on every dataset; rank 0 writes result JSONs and reports. Returns the JSON paths."""
+    import data
+
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    rank, world = init_distributed(device)
+    say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    template = None
+    if cfg.num_fewshot == 0:
+        name = cfg.template or src.template
+        if name is None:
+            say("notice: no template recorded in the checkpoint and no --template: using 'boxed'")
+            name = "boxed"
+        try:
+            template = data.load_template(name)
+        except data.DataError as e:
+            raise SystemExit(f"error: --template: {e}") from e
+    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora)
+    eos = eos_token_ids(tokenizer, model.generation_config)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    written = []
+    for name, grader_ds, records in eval_sets(cfg):
+        protocol = make_protocol(grader_ds, cfg.num_fewshot, cfg.cot, template, cfg.stop_strings)
+        say(f"evalmath: {name} ({len(records)} problems, {protocol.name}) on {world} rank(s)")
+        t0 = time.time()
+        items, summary = evaluate_records(
+            model, tokenizer, records, template, grader_ds, cfg.max_new_tokens, cfg.batch_size,
+            num_fewshot=cfg.num_fewshot, cot=cfg.cot, temperature=cfg.temperature, top_p=cfg.top_p,
+            n_samples=cfg.n_samples, seed=cfg.seed, eos_ids=eos, stop_strings=cfg.stop_strings,
+            progress=not cfg.quiet and rank == 0)
+        elapsed = time.time() - t0
+        if rank != 0:
+            continue
+        n_tok = sum(s["n_tokens"] for it in items for s in it.get("samples", [it]))
+        extra = {"stamp": stamp, "timing": {"seconds": round(elapsed, 3), "generated_tokens": n_tok,
+                                            "tokens_per_s": round(n_tok / max(elapsed, 1e-9), 2),
+                                            "problems_per_s": round(len(items) / max(elapsed, 1e-9), 4)},
+                 "decoding": {"eos_ids": eos, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+                              "merge_lora": cfg.merge_lora, "world_size": world}}
+        result = build_result(cfg, src, name, protocol, records, items, summary, extra)
+        path = Path(cfg.output_dir) / name / f"{result['run_id']}.json"
+        reports.write_json_atomic(result, path)
+        written.append(path)
+        md = reports.write_report(result, cfg.reports_dir) if cfg.write_report else None
+        say(f"  {name}: accuracy {100 * summary['accuracy']:.2f} ± {100 * summary['stderr']:.2f} "
+            f"({summary['correct']}/{summary['n']}), truncated {100 * summary['truncation_rate']:.1f}%, "
+            f"no answer {100 * summary['no_answer_rate']:.1f}%, {elapsed:.1f}s -> {path}" + (f", {md}" if md else ""))
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return written
+
+
+# ----------------------------------------------------------------------------- 8. CLI: subcommands
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except ValueError as e:
+                        raise SystemExit(f"error: {path}:{i}: malformed JSON ({e})") from e
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --input {path}: file not found") from e
+    return rows
+
+
+def grade_file(input_path: str, output_path: str) -> dict:
+    """Re-grade `{"id", "dataset", "response", "gold"}` rows into `{"id", "correct", "extracted", "error_type"}`."""
+    out = []
+    for line, row in _read_jsonl(input_path):
+        missing = [k for k in ("id", "dataset", "response", "gold") if k not in row]
+        if missing:
+            raise SystemExit(f"error: {input_path}:{line}: missing field(s) {missing}; each row needs "
+                             '{"id", "dataset": "gsm8k"|"math", "response", "gold"}')
+        ds = "math" if row["dataset"] == "math500" else row["dataset"]
+        if ds not in GRADER_DATASETS:
+            raise SystemExit(f"error: {input_path}:{line}: dataset {row['dataset']!r}; expected gsm8k or math")
+        v = grade_response(str(row["response"]), str(row["gold"]), ds, bool(row.get("truncated", False)))
+        out.append({"id": row["id"], **v})
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for r in out:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return reports.summarize([dict(r, n_tokens=0) for r in out]) if out else {"n": 0}
+
+
+def cmd_grade(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="evalmath.py grade", description="Re-grade responses without a model.")
+    ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"}')
+    ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"}')
+    a = ap.parse_args(argv)
+    s = grade_file(a.input, a.output)
+    print(f"graded {s['n']} rows: accuracy {100 * s.get('accuracy', 0):.2f} -> {a.output}")
+
+
+def cmd_report(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="evalmath.py report", description="Report one run or compare several.")
+    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir)")
+    ap.add_argument("--eval_dir", default="outputs/eval")
+    ap.add_argument("--reports_dir", default="docs/reports")
+    ap.add_argument("--out", default=None, help="markdown path of the comparison (default: reports_dir/compare-*.md)")
+    ap.add_argument("--manual", action="store_true", help="use summary_manual where a run has one")
+    a = ap.parse_args(argv)
+    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs]
+    if len(results) == 1 and a.out is None:
+        print(f"wrote {reports.write_report(results[0], a.reports_dir)}")
+        return
+    table = reports.compare(results, use_manual=a.manual)
+    out = Path(a.out or Path(a.reports_dir) / f"compare-{_dt.datetime.now():%Y%m%d-%H%M%S}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    charts = reports.plot_groups(results, out.with_suffix(""))
+    out.write_text("# Comparison\n\n" + table + "".join(f"\n![{p.stem}]({p.name})\n" for p in charts))
+    print(table + f"\nwrote {out}" + "".join(f", {p}" for p in charts))
+
+
+def cmd_review(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="evalmath.py review", description="Manual review of a run's verdicts.")
+    sub = ap.add_subparsers(dest="action", required=True)
+    ex = sub.add_parser("export", help="write the failed items to a CSV with an empty manual_correct column")
+    ex.add_argument("run")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--all", action="store_true", help="export every item, not only the failures")
+    im = sub.add_parser("import", help="read manual_correct verdicts back, recompute summary_manual")
+    im.add_argument("run")
+    im.add_argument("--csv", required=True)
+    for p in (ex, im):
+        p.add_argument("--eval_dir", default="outputs/eval")
+        p.add_argument("--reports_dir", default="docs/reports")
+    a = ap.parse_args(argv)
+    result, path = reports.load_result(a.run, a.eval_dir)
+    if a.action == "export":
+        n = reports.export_failures(result, a.out, include_correct=a.all)
+        print(f"exported {n} items of {result['run_id']} to {a.out}; fill manual_correct (true/false) and run "
+              f"`python evalmath.py review import {path} --csv {a.out}`")
+        return
+    n = reports.import_verdicts(result, a.csv)
+    reports.write_json_atomic(result, path)
+    md = reports.write_report(result, a.reports_dir)
+    sm = result["summary_manual"]
+    print(f"imported {n} verdicts into {path}: accuracy {100 * result['summary']['accuracy']:.2f} (auto) -> "
+          f"{100 * sm['accuracy']:.2f} (manual); report {md}")
+
+
+SUBCOMMANDS = {"grade": cmd_grade, "report": cmd_report, "review": cmd_review}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
+        return
+    run(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""evalmath's reporting half, split out at its seam: result dicts -> summaries, reports, manual review.
+
+Pure Python over the result JSON that `evalmath.py` writes (no torch, no model):
+
+- `summarize(items)`: accuracy with its standard error, per MATH subject and level, average
+  solution length in tokens, truncation and no-answer rates, pass@k and maj@k when items hold
+  several samples.
+- `write_report(result, reports_dir)`: `docs/reports/<run_id>.md` and `.csv` (one row per item).
+- `compare(results)`: one markdown table over several runs (base vs checkpoints), with per-subject
+  and per-level bar charts when matplotlib is installed (optional, imported lazily).
+- Manual review: `export_failures(result, csv_path)` and `import_verdicts(result, csv_path)`; the
+  imported verdicts go into `manual_correct` next to `correct`, and `summary_manual` is recomputed
+  beside the automatic `summary` (both are kept).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ITEM_CSV_FIELDS = ["id", "correct", "manual_correct", "extracted", "gold", "error_type", "n_tokens",
+                   "truncated", "subject", "level"]
+REVIEW_CSV_FIELDS = ["id", "gold", "extracted", "error_type", "correct", "manual_correct", "question",
+                     "response"]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def stderr_of_mean(p: float, n: int) -> float:
+    """Standard error of a mean of n 0/1 outcomes, with the sample (n-1) variance, as lm-eval reports it."""
+    return math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else 0.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): probability that k of the n samples contain a correct one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(samples: list[dict]) -> dict | None:
+    """The sample whose extracted answer is the most frequent (ties: the earliest); None if no answers."""
+    answers = [s["extracted"].strip() for s in samples if s.get("extracted") is not None]
+    if not answers:
+        return None
+    counts = Counter(answers)
+    best = max(counts.values())
+    winner = next(a for a in answers if counts[a] == best)
+    return next(s for s in samples if s.get("extracted") is not None and s["extracted"].strip() == winner)
+
+
+def _verdict(item: dict, manual: bool) -> bool:
+    if manual and item.get("manual_correct") is not None:
+        return bool(item["manual_correct"])
+    return bool(item["correct"])
+
+
+def _acc(flags: list[bool]) -> dict:
+    n = len(flags)
+    acc = sum(flags) / n if n else 0.0
+    return {"n": n, "correct": sum(flags), "accuracy": acc, "stderr": stderr_of_mean(acc, n)}
+
+
+def summarize(items: list[dict], manual: bool = False) -> dict:
+    """Summary of per-item results; `manual=True` uses `manual_correct` where a reviewer set one."""
+    flags = [_verdict(it, manual) for it in items]
+    out = _acc(flags)
+    n = len(items)
+    out["avg_tokens"] = sum(it.get("n_tokens", 0) for it in items) / n if n else 0.0
+    out["truncation_rate"] = sum(bool(it.get("truncated")) for it in items) / n if n else 0.0
+    out["no_answer_rate"] = sum(it.get("extracted") is None for it in items) / n if n else 0.0
+    out["error_types"] = dict(Counter(it["error_type"] for it in items if it.get("error_type")))
+    for key in ("subject", "level"):
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for it, ok in zip(items, flags):
+            if it.get(key) is not None:
+                groups[str(it[key])].append(ok)
+        if groups:
+            out[f"by_{key}"] = {g: _acc(v) for g, v in sorted(groups.items())}
+    if items and "samples" in items[0]:
+        out.update(_sampled_metrics(items))
+    if manual:
+        out["n_reviewed"] = sum(it.get("manual_correct") is not None for it in items)
+    return out
+
+
+def _sampled_metrics(items: list[dict]) -> dict:
+    """pass@k for k = 1, 2, 4, ... up to the number of samples, and maj@k over all samples."""
+    n_samples = min(len(it["samples"]) for it in items)
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n_samples} | {n_samples})
+    out = {"n_samples": n_samples}
+    for k in ks:
+        vals = [pass_at_k(len(it["samples"]), sum(s["correct"] for s in it["samples"]), k) for it in items]
+        out[f"pass@{k}"] = sum(vals) / len(vals)
+    maj = [bool(it.get("majority_correct")) for it in items]
+    out[f"maj@{n_samples}"] = sum(maj) / len(maj)
+    out[f"maj@{n_samples}_stderr"] = stderr_of_mean(out[f"maj@{n_samples}"], len(maj))
+    return out
+
+
+# ----------------------------------------------------------------------------- result files
+
+def load_result(run: str | os.PathLike, eval_dir: str | os.PathLike = "outputs/eval") -> tuple[dict, Path]:
+    """A result JSON given as a path, or as a run_id searched under `eval_dir/<dataset>/<run_id>.json`."""
+    path = Path(run)
+    if not path.is_file():
+        hits = sorted(Path(eval_dir).glob(f"*/{run}.json"))
+        if len(hits) != 1:
+            what = "no file" if not hits else f"{len(hits)} files ({', '.join(map(str, hits))})"
+            raise SystemExit(f"error: run {run!r}: {what} found as a path or as {eval_dir}/*/{run}.json; "
+                             "pass the result JSON's path")
+        path = hits[0]
+    try:
+        return json.loads(path.read_text()), path
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not a result JSON ({e})") from e
+
+
+def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- single-run report
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _summary_lines(s: dict) -> list[str]:
+    lines = [f"| accuracy | {_pct(s['accuracy'])} ± {_pct(s['stderr'])} ({s['correct']}/{s['n']}) |",
+             f"| avg solution tokens | {s['avg_tokens']:.1f} |",
+             f"| truncation rate | {_pct(s['truncation_rate'])} |",
+             f"| no-answer rate | {_pct(s['no_answer_rate'])} |"]
+    for key in sorted(k for k in s if k.startswith(("pass@", "maj@")) and not k.endswith("_stderr")):
+        lines.append(f"| {key} | {_pct(s[key])} |")
+    return lines
+
+
+def _breakdown_lines(s: dict, key: str) -> list[str]:
+    if f"by_{key}" not in s:
+        return []
+    lines = ["", f"### By {key}", "", f"| {key} | n | accuracy |", "| --- | ---: | ---: |"]
+    for g, v in s[f"by_{key}"].items():
+        lines.append(f"| {g} | {v['n']} | {_pct(v['accuracy'])} ± {_pct(v['stderr'])} |")
+    return lines
+
+
+def render_markdown(result: dict) -> str:
+    cfg, s = result["config"], result["summary"]
+    proto, dec = cfg["protocol"], cfg["decoding"]
+    lines = [f"# {result['run_id']}", "",
+             f"- model: `{cfg['model']}`" + (f" + adapter `{cfg['adapter']}`" if cfg.get("adapter") else ""),
+             f"- dataset: {cfg['dataset']} ({cfg.get('split')}, {s['n']} problems, data sha256 "
+             f"`{cfg['data_hash'][:16]}`)",
+             f"- protocol: `{proto['name']}` (template {proto.get('template')}, {proto['num_fewshot']}-shot, "
+             f"cot={proto['cot']})",
+             f"- decoding: temperature {dec['temperature']}, top_p {dec['top_p']}, max_new_tokens "
+             f"{dec['max_new_tokens']}, n_samples {dec['n_samples']}, seed {cfg['seed']}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in cfg.get('versions', {}).items())}",
+             "", "## Summary", "", "| metric | value |", "| --- | ---: |", *_summary_lines(s)]
+    if result.get("summary_manual"):
+        sm = result["summary_manual"]
+        lines += ["", f"## After manual review ({sm.get('n_reviewed', 0)} verdicts)", "",
+                  "| metric | value |", "| --- | ---: |", *_summary_lines(sm)]
+    lines += _breakdown_lines(s, "subject") + _breakdown_lines(s, "level")
+    if s.get("error_types"):
+        lines += ["", "### Error types", "", "| error_type | count |", "| --- | ---: |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(s["error_types"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_item_csv(result: dict, path: str | os.PathLike) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ITEM_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for it in result["items"]:
+            w.writerow({k: it.get(k) for k in ITEM_CSV_FIELDS})
+
+
+def write_report(result: dict, reports_dir: str | os.PathLike = "docs/reports") -> Path:
+    """Write `<reports_dir>/<run_id>.md` and `.csv`; returns the markdown path."""
+    out = Path(reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{result['run_id']}.md"
+    md.write_text(render_markdown(result))
+    write_item_csv(result, out / f"{result['run_id']}.csv")
+    return md
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+def compare(results: list[dict], use_manual: bool = False) -> str:
+    """One markdown table over several runs, plus per-subject and per-level accuracy columns."""
+    key = "summary_manual" if use_manual else "summary"
+    summaries = [r.get(key) or r["summary"] for r in results]
+    lines = ["| run | model | dataset | protocol | n | accuracy | trunc. | no answer | avg tokens |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r, s in zip(results, summaries):
+        c = r["config"]
+        model = c["model"] + (f" + {c['adapter']}" if c.get("adapter") else "")
+        lines.append(f"| {r['run_id']} | {model} | {c['dataset']} | {c['protocol']['name']} | {s['n']} | "
+                     f"{_pct(s['accuracy'])} ± {_pct(s['stderr'])} | {_pct(s['truncation_rate'])} | "
+                     f"{_pct(s['no_answer_rate'])} | {s['avg_tokens']:.1f} |")
+    for group in ("subject", "level"):
+        table = _group_table(results, summaries, group)
+        if table:
+            lines += ["", f"### Accuracy by {group}", "", *table]
+    return "\n".join(lines) + "\n"
+
+
+def _group_table(results: list[dict], summaries: list[dict], group: str) -> list[str]:
+    names = sorted({g for s in summaries for g in s.get(f"by_{group}", {})})
+    if not names:
+        return []
+    lines = [f"| {group} | " + " | ".join(r["run_id"] for r in results) + " |",
+             "| --- |" + " ---: |" * len(results)]
+    for g in names:
+        cells = [_pct(s[f"by_{group}"][g]["accuracy"]) if g in s.get(f"by_{group}", {}) else "–"
+                 for s in summaries]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_groups(results: list[dict], out_prefix: str | os.PathLike) -> list[Path]:
+    """Grouped bar charts of accuracy per subject and per level; [] (and a notice) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("notice: matplotlib is not installed, skipping the per-subject/level charts "
+              "(pip install 'mathsft[plots]')")
+        return []
+    written = []
+    for group in ("subject", "level"):
+        names = sorted({g for r in results for g in r["summary"].get(f"by_{group}", {})})
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            by = r["summary"].get(f"by_{group}", {})
+            ys = [100 * by[g]["accuracy"] if g in by else 0.0 for g in names]
+            ax.bar([x + i * width for x in range(len(names))], ys, width, label=r["run_id"])
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = Path(f"{out_prefix}-{group}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- manual review
+
+def export_failures(result: dict, csv_path: str | os.PathLike, include_correct: bool = False) -> int:
+    """Write the (automatically) failed items to a CSV with an empty `manual_correct` column to fill in."""
+    rows = [it for it in result["items"] if include_correct or not it["correct"]]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REVIEW_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for it in rows:
+            w.writerow({**{k: it.get(k) for k in REVIEW_CSV_FIELDS}, "manual_correct": ""})
+    return len(rows)
+
+
+TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "y", "t"}, {"false", "0", "no", "n", "f"}
+
+
+def import_verdicts(result: dict, csv_path: str | os.PathLike) -> int:
+    """Set `manual_correct` from a reviewed CSV (blank cells are skipped); recompute `summary_manual`."""
+    by_id = {str(it["id"]): it for it in result["items"]}
+    updates = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"id", "manual_correct"} - set(reader.fieldnames or [])
+        if missing:
+            raise SystemExit(f"error: {csv_path}: missing column(s) {sorted(missing)}; expected the header "
+                             "written by `evalmath.py review export`")
+        for line, row in enumerate(reader, start=2):
+            cell = (row["manual_correct"] or "").strip().lower()
+            if not cell:
+                continue
+            if row["id"] not in by_id:
+                raise SystemExit(f"error: {csv_path}:{line}: id {row['id']!r} is not in run {result['run_id']}")
+            if cell not in TRUE_WORDS | FALSE_WORDS:
+                raise SystemExit(f"error: {csv_path}:{line}: manual_correct={row['manual_correct']!r}; "
+                                 "expected true/false (or 1/0, yes/no) or blank")
+            updates[row["id"]] = cell in TRUE_WORDS
+    for item_id, verdict in updates.items():
+        by_id[item_id]["manual_correct"] = verdict
+    result["summary_manual"] = summarize(result["items"], manual=True)
+    return len(updates)
