@@ -1,0 +1,1067 @@
+"""Answer extraction and equivalence for GSM8K and MATH (evalmath's grader, split out at its seam).
+
+    from grader import grade, extract_answer, is_equiv, Verdict
+    grade(response, gold, dataset, truncated=False) -> Verdict(correct, extracted, error_type)
+
+Extraction (first rule that succeeds, on the response cut before a run-on `Question:`/`Q:`/`Problem:`):
+the last brace-balanced `\\boxed{}`/`\\fbox{}` (adjacent boxes joined into a list); "final answer is" /
+"the answer is"; `#### N`; an `Answer: N` line; then, GSM8K: the last number; MATH: the last math
+environment or number (never from an output that stops inside an open `\\[`/`\\(`/`$$`).
+
+Equivalence: normalised strings; numbers (commas, `{,}`, `\\!`, `$`, `%`, units, e-notation, unicode minus)
+within RELATIVE_TOLERANCE; otherwise both sides go through a small recursive-descent LaTeX/plain-math
+parser (below) into sympy objects and structures (lists/sets, tuples/intervals, unions, matrices,
+relations). Expressions are equal if sympy's canonical forms agree, or if they agree numerically at three
+fixed points for their free symbols (a Schwartz-Zippel style identity test); relations and intervals are
+compared as regions of the real line at all their endpoints, just beside them and between them.
+
+Safety: model output is untrusted. Nothing here calls eval, sympify, parse_expr or simplify. Every
+operation is bounded up front instead of timed out from outside (which would need the main thread or
+a process pool): the response is cut to its last MAX_RESPONSE_CHARS characters, an answer longer than
+MAX_ANSWER_CHARS is compared as a string only, the parser refuses nesting deeper than MAX_DEPTH, exact
+powers whose result would exceed MAX_POW_BITS bits and factorials/binomials above MAX_FACTORIAL, and the
+numeric checks use plain Python floats (mpmath-free). A cooperative deadline (TIME_BUDGET_S) is checked
+between steps as a last guard; exceeding it gives error_type "timeout". So grade() is safe in any thread
+and never hangs the evaluation process.
+"""
+from __future__ import annotations
+
+import cmath
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import sympy as sp
+
+RELATIVE_TOLERANCE = 1e-4  # numbers (and expressions at sample points) agree within this relative error
+MAX_RESPONSE_CHARS = 64_000  # only the tail of a longer response is searched for the answer
+MAX_ANSWER_CHARS = 1_000  # longer extracted answers are compared as normalised strings only
+MAX_DEPTH = 60  # parser nesting limit (brackets, fractions, unary signs)
+MAX_POW_BITS = 20_000  # exact powers with a larger result are refused
+MAX_FACTORIAL = 1_000  # n! and binom(n, k) are refused above this n
+TIME_BUDGET_S = 2.0  # cooperative deadline per comparison
+EXPLICIT_METHODS = ("boxed", "answer_is", "hashes", "answer_line")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    extracted: str | None
+    error_type: str | None  # None when correct; else no_answer, truncated, parse_error, timeout, wrong
+
+
+class _Refused(Exception):
+    """The answer is unparseable or too large to handle safely."""
+
+
+class _Timeout(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction
+
+_CONTINUATION = re.compile(r"\n\s*(?:Question|Q|Problem)\s*:|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>"
+                           r"|<\|eot_id\|>|</s>")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_BOX_GAP = re.compile(r"(?:\s|[,;.$]|\\[()\[\]]|\\q?quad|\\text\{[^{}]*\}|\band\b|\bor\b|&|\\\\)*")
+_ANSWER_IS = re.compile(r"(?:final answer|the answer|answer) (?:is|would be|will be)\s*:?", re.I)
+_HOPE = re.compile(r"\.?\s*I hope it is correct", re.I)
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_LINE = re.compile(r"^[ \t>*#]*(?:final\s+)?answer\s*[:：][ \t*]*(.*)$", re.I | re.M)
+_MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<!\\)\$(.+?)(?<!\\)\$", re.S)
+_NUMBER = re.compile(r"(?<![A-Za-z0-9.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d])%?"
+                     r"|(?<![A-Za-z0-9])-?\.\d+")
+_GSM_NUMBER = re.compile(r"(?<![A-Za-z0-9])-?(?:\d{1,3}(?:(?:,| (?=\d{3}(?!\d)))\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
+_PROSE_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_IS_SPLIT = re.compile(r"\s(?:is|are|was|equals|be|of)\s", re.I)
+
+
+def _clean(text: str) -> str:
+    """Untrusted text to a bounded str without lone surrogates."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    if len(text) > MAX_RESPONSE_CHARS:
+        text = text[-MAX_RESPONSE_CHARS:]
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def cut_continuation(response: str) -> str:
+    """Drop a run-on continuation: the model starting a new `Question:`/`Q:`/`Problem:` or chat turn."""
+    m = _CONTINUATION.search(response, 1)
+    return response[: m.start()] if m and response[: m.start()].strip() else response
+
+
+def _brace_group(text: str, start: int) -> int:
+    """Index just past the brace group opening at text[start] == '{', or -1 if unbalanced."""
+    depth, i, n = 0, start, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """Balanced boxes near the end: (start, end, content), last first, adjacent boxes only."""
+    out = []
+    for m in reversed(list(_BOX.finditer(text))[-20:]):
+        if m.end() < len(text) and text[m.end()] == "{":
+            end = _brace_group(text, m.end())
+            if end < 0:
+                continue  # cut off inside the box
+            content = text[m.end() + 1: end - 1]
+        else:
+            tail = re.match(r"[^\s$]+", text[m.end():])
+            if not tail:
+                continue
+            end, content = m.end() + tail.end(), tail.group(0)
+        if out:
+            gap = re.sub(r"_\{?\w+\}?", "", text[end: out[-1][0]])
+            gap_ok = _BOX_GAP.fullmatch(gap) or (len(gap) <= 40 and not re.search(r"\d|\.\s|\n\n|=.*=", gap))
+            if not gap_ok:
+                break
+        out.append((m.start(), end, content))
+    return out
+
+
+def _reduce_prose(ans: str) -> str:
+    """'The volume of $V$ is 120' -> '120'; 'Jane started 3 hours ago' -> '3'."""
+    ans = ans.strip().strip('"').strip()
+    for _ in range(3):
+        bare = _MATH_ENV.sub(" ", ans)
+        if len(_PROSE_WORD.findall(re.sub(r"\\[a-zA-Z]+(\{[^{}]*\})?", " ", bare))) < 2:
+            return ans
+        parts = _IS_SPLIT.split(ans)
+        if len(parts) > 1 and parts[-1].strip():
+            ans = parts[-1].strip()
+            continue
+        last = _last_candidate(ans)
+        return last if last is not None else ans
+    return ans
+
+
+def _sentence(tail: str) -> str:
+    """The answer at the start of `tail`: a leading math environment, else up to the sentence end."""
+    tail = tail.lstrip()
+    m = _MATH_ENV.match(tail)
+    if m and not re.match(r"[ \t]*[\w\\{(]", tail[m.end():]):
+        return next(g for g in m.groups() if g is not None)
+    m = re.match(r"(.*?)(?:\.(?=\s|$)|\n|$)", tail, re.S)
+    return m.group(1)
+
+
+def _last_candidate(text: str) -> str | None:
+    """The math environment or bare number that ends last in text."""
+    envs = list(_MATH_ENV.finditer(text))
+    env = envs[-1] if envs else None
+    blanked = _MATH_ENV.sub(lambda m: " " * len(m.group(0)), text)
+    nums = list(_NUMBER.finditer(blanked))
+    num = nums[-1] if nums else None
+    if env and (not num or env.end() > num.end()):
+        content = next(g for g in env.groups() if g is not None)
+        after = re.match(r"\s*(\\?%|percent\b|pct\b)", text[env.end():])
+        return content + ("%" if after else "")
+    return num.group(0) if num else None
+
+
+def _extract(response: str, dataset: str) -> tuple[str | None, str]:
+    """(answer, method) or (None, error_type)."""
+    text = cut_continuation(_clean(response))
+    gsm = dataset.lower().startswith("gsm")
+    ans, method = None, ""
+    boxes = _boxes(text)
+    if boxes:
+        contents = list(dict.fromkeys(c.strip() for _, _, c in reversed(boxes)))
+        ans, method = ", ".join(contents), "boxed"
+    if ans is None:
+        hits = list(_ANSWER_IS.finditer(text))
+        if hits:
+            tail = _HOPE.split(text[hits[-1].end():])[0]
+            cand = _reduce_prose(_sentence(tail))
+            if cand.strip():
+                ans, method = cand, "answer_is"
+    if ans is None:
+        hits = list(_HASHES.finditer(text))
+        if hits:
+            ans, method = hits[-1].group(1), "hashes"
+    if ans is None:
+        hits = [m for m in _ANSWER_LINE.finditer(text)]
+        if hits:
+            line = hits[-1].group(1).strip() or text[hits[-1].end():].strip().split("\n")[0]
+            line = _HOPE.split(line)[0]
+            if line.strip():
+                ans, method = _reduce_prose(line), "answer_line"
+    if ans is None:
+        open_env = text.rfind("\\[") > text.rfind("\\]") or text.rfind("\\(") > text.rfind("\\)") \
+            or text.count("$$") % 2 == 1
+        if open_env:
+            return None, "truncated"
+        if gsm:
+            nums = _GSM_NUMBER.findall(text)
+            ans, method = (nums[-1], "last_number") if nums else (None, "")
+        elif len(text) <= 80 and "\n" not in text.strip() and not _MATH_ENV.search(text) \
+                and len(_PROSE_WORD.findall(text)) < 3:
+            ans, method = text, "whole"
+        else:
+            ans, method = _last_candidate(text), "last_candidate"
+    if ans is None or not ans.strip():
+        return None, "no_answer"
+    ans = ans.strip()
+    if gsm and _plain_number(normalize_answer(ans)) is None:
+        nums = _GSM_NUMBER.findall(_MATH_ENV.sub(lambda m: next(g for g in m.groups() if g), ans))
+        if nums:
+            ans = nums[-1]
+    return ans, method
+
+
+def extract_answer(response: str, dataset: str) -> tuple[str | None, str | None]:
+    """The final answer in a model response: (answer, None), or (None, error_type)."""
+    ans, how = _extract(response, dataset)
+    return (ans, None) if ans is not None else (None, how)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation
+
+_UNITS = set("""
+unit units sq square squared cubic cu meter meters metre metres m cm mm km kilometer kilometers
+centimeter centimeters millimeter millimeters inch inches in ft foot feet yard yards yd mile miles mi
+mph kmh kph hour hours hr hrs h minute minutes min mins second seconds sec secs s day days week weeks
+month months year years yr yrs degree degrees deg radian radians rad dollar dollars cent cents usd
+euro euros yuan pound pounds lb lbs ounce ounces oz gram grams g kg kilogram kilograms liter liters
+litre litres l ml gallon gallons gal quart quarts pint pints cup cups mile² m² cm² km² ft² percent pct
+people person persons students student apples marbles cookies points times ways handshakes
+""".split())
+_MULTIPLIERS = {"thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}", "trillion": "10^{12}"}
+_WORD_NUMBERS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split())}
+_WORD_NUMBERS.update({w: 10 * i for i, w in enumerate(
+    "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i >= 2})
+_UNICODE = {"−": "-", "–": "-", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ", "√": r"\sqrt ",
+            "π": r"\pi ", "∞": r"\infty ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "∈": r"\in ",
+            "∪": r"\cup ", "°": "", "€": "", "£": "", "¥": "", "²": "^2", "³": "^3", "\u2009": " ",
+            "\u00a0": " ", "±": r"\pm "}
+_TEXT_CMDS = r"text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|mathsf|operatorname|rm|bf|boldsymbol"
+_TRAILING_TEXT = re.compile(r"\\(?:" + _TEXT_CMDS + r")\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+
+
+def _is_units(words: str) -> bool:
+    ws = re.findall(r"[A-Za-z²]+", words)
+    return bool(ws) and all(w.lower() in _UNITS for w in ws) and not re.search(r"[^A-Za-z²\s.^0-9/]", words)
+
+
+def _words_to_number(s: str) -> str:
+    w = s.strip().lower().replace("-", " ").split()
+    if not w or not all(x in _WORD_NUMBERS for x in w) or len(w) > 2:
+        return s
+    if len(w) == 2 and not (_WORD_NUMBERS[w[0]] >= 20 and _WORD_NUMBERS[w[0]] % 10 == 0 and _WORD_NUMBERS[w[1]] < 10):
+        return s
+    return str(sum(_WORD_NUMBERS[x] for x in w))
+
+
+def normalize_answer(s: str) -> str:
+    """Answer string -> canonical LaTeX-ish string (for cheap exact checks and the parser)."""
+    s = _clean(s).strip()
+    for k, v in _UNICODE.items():
+        s = s.replace(k, v)
+    while True:  # unwrap \boxed{...} around the whole answer
+        m = re.fullmatch(r"\\(?:boxed|fbox)\s*\{(.*)\}", s, re.S)
+        if not m or _brace_group(s, s.index("{")) != len(s):
+            break
+        s = m.group(1).strip()
+    s = re.sub(r"(\d)\s*\{,\}\s*(?=\d)", r"\1", s)  # 14{,}916
+    s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
+    s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b", "", s)
+    s = re.sub(r"\\q?quad|\\[,;: ]|~", " ", s)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\\$|\$|\\[()\[\]]", " ", s)
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
+    s = re.sub(r"\\%|%|\bpercent\b|\bpct\b", "", s)
+    m = _TRAILING_TEXT.search(s)
+    if m and _is_units(m.group(1)) and s[: m.start()].strip():
+        s = s[: m.start()]
+    for _ in range(3):
+        s = re.sub(r"\\(?:" + _TEXT_CMDS + r")\s*\{([^{}]*)\}", r" \1 ", s)
+    s = re.sub(r"\\(?:emptyset|varnothing)", r"\\{\\}", s)
+    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])|<=", " ≤ ", s)
+    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])|>=", " ≥ ", s)
+    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])|!=", " ≠ ", s)
+    s = re.sub(r"\\lt(?![a-zA-Z])", "<", s)
+    s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
+    s = re.sub(r"\\in(?![a-zA-Z])", " ∈ ", s)
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    m = re.fullmatch(r"(.*?\d[\d.}\s]*)\s*(?:\{\s*\}\s*)?\b([A-Za-z][A-Za-z.\s²]*?)(\^\s*\{?\d\}?)?", s)
+    if m and _is_units(m.group(2)):  # 64 square feet, 72 degrees
+        s = m.group(1).strip()
+    for word, power in _MULTIPLIERS.items():
+        s = re.sub(r"(\d)\s*" + word + r"\b", r"\1\\cdot " + power, s)
+    s = _words_to_number(s)
+    m = re.fullmatch(r"\(?\s*([A-Ea-e])\s*\)?", s)  # multiple choice (C)
+    if m:
+        s = m.group(1).upper()
+    return s.rstrip(".").strip()
+
+
+def _key(s: str) -> str:
+    return re.sub(r"\s+|\{\}", "", s)
+
+
+def _plain_number(s: str) -> Fraction | None:
+    s = s.replace(" ", "") if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s) else s
+    m = re.fullmatch(r"([-+]?)(\d{1,3}(?:,\d{3})+|\d*)(\.\d*)?(?:[eE]([-+]?\d{1,3}))?", s)
+    if not m or not (m.group(2) or (m.group(3) or "")[1:]):
+        return None
+    value = Fraction((m.group(2) or "0").replace(",", "") + ((m.group(3) or "") if len(m.group(3) or "") > 1 else ""))
+    if m.group(4):
+        value *= Fraction(10) ** int(m.group(4))
+    return -value if m.group(1) == "-" else value
+
+
+def _close(a: complex, b: complex) -> bool:
+    if a == b:
+        return True
+    if not (cmath.isfinite(a) and cmath.isfinite(b)):
+        return False
+    return abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b)) or abs(a - b) <= 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parser: LaTeX / plain math -> sympy (no eval, no sympify)
+
+_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+(?![\d.]))?|\.\d+)|(?P<cmd>\\[a-zA-Z]+|\\[{}|])"
+                    r"|(?P<op>[-+*/^_()\[\]{}|!,=<>:'≤≥≠∈])|(?P<sym>[a-zA-Z]))")
+_FUNCS = {"sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "sec": sp.sec, "csc": sp.csc, "cot": sp.cot,
+          "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "sinh": sp.sinh, "cosh": sp.cosh,
+          "tanh": sp.tanh, "ln": sp.log, "log": sp.log, "exp": sp.exp}
+_GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi "
+             "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega".split())
+_ATOM_CMDS = {"frac", "sqrt", "pi", "infty", "binom", "lfloor", "lceil", "sum", "prod", "mathrm", *_FUNCS, *_GREEK}
+
+
+def _tokenize(s: str) -> list[tuple[str, str]]:
+    out, i = [], 0
+    while i < len(s):
+        m = _TOKEN.match(s, i)
+        if not m or m.end() == i:
+            if s[i:].strip() == "":
+                break
+            raise _Refused(f"unexpected character {s[i]!r}")
+        i = m.end()
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+    return out
+
+
+def _pow(base, exp):
+    if exp.is_Number and abs(exp) > 10**6:
+        raise _Refused("exponent too large")
+    if base.is_Rational and exp.is_Rational and base not in (0, 1, -1):
+        bits = max(abs(base.p), abs(base.q)).bit_length()
+        if abs(exp) * bits > MAX_POW_BITS:
+            raise _Refused("power too large")
+    return sp.Pow(base, exp)
+
+
+def _factorial(n):
+    if n.is_Number and (not n.is_Integer or n < 0 or n > MAX_FACTORIAL):
+        raise _Refused("factorial out of range")
+    return sp.factorial(n)
+
+
+class _Parser:
+    """Recursive descent over tokens: expr := term (+|- term)*, term := unary ((*|/|implicit) unary)*,
+    unary := (-|+) unary | power, power := postfix (^ arg)?, postfix := atom !*."""
+
+    def __init__(self, text: str):
+        self.toks = _tokenize(text)
+        self.i, self.depth, self.in_abs = 0, 0, 0
+
+    def peek(self, k: int = 0) -> tuple[str, str]:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else ("end", "")
+
+    def accept(self, val: str) -> bool:
+        if self.peek()[1] == val:
+            self.i += 1
+            return True
+        return False
+
+    def expect(self, val: str) -> None:
+        if not self.accept(val):
+            raise _Refused(f"expected {val!r} at token {self.i}")
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Refused("nesting too deep")
+
+    def parse(self):
+        e = self.expr()
+        if self.peek()[0] != "end":
+            raise _Refused(f"unexpected {self.peek()[1]!r}")
+        return e
+
+    def expr(self):
+        self.enter()
+        node = self.term()
+        while self.peek()[1] in ("+", "-"):
+            op = self.toks[self.i][1]
+            self.i += 1
+            rhs = self.term()
+            node = node + rhs if op == "+" else node - rhs
+        self.depth -= 1
+        return node
+
+    def starts_atom(self, t: tuple[str, str]) -> bool:
+        kind, val = t
+        if kind in ("num", "sym"):
+            return True
+        if val in ("(", "{") or (val == "|" and not self.in_abs):
+            return True
+        return kind == "cmd" and val[1:] in _ATOM_CMDS
+
+    def term(self):
+        node = self.unary()
+        while True:
+            val = self.peek()[1]
+            if val in ("*", r"\cdot", r"\times"):
+                self.i += 1
+                node = node * self.unary()
+            elif val in ("/", r"\div"):
+                self.i += 1
+                node = node / self.unary()
+            elif self.starts_atom(self.peek()):
+                node = node * self.power()
+            else:
+                return node
+
+    def unary(self):
+        self.enter()
+        if self.accept("-"):
+            node = -self.unary()
+        elif self.accept("+"):
+            node = self.unary()
+        else:
+            node = self.power()
+        self.depth -= 1
+        return node
+
+    def power(self):
+        base = self.atom()
+        while self.accept("!"):
+            base = _factorial(base)
+        if self.accept("^"):
+            if self.accept("-"):
+                return _pow(base, -self.arg())
+            return _pow(base, self.arg())
+        return base
+
+    def arg(self):
+        """A LaTeX macro argument: {group}, or a single digit/letter/command."""
+        kind, val = self.peek()
+        if val == "{":
+            self.i += 1
+            e = self.expr()
+            self.expect("}")
+            return e
+        if kind == "num":
+            if len(val) > 1:  # \frac12: one character per argument
+                self.toks[self.i] = ("num", val[1:])
+                return sp.Integer(int(val[0])) if val[0].isdigit() else self._bad()
+            self.i += 1
+            return sp.Rational(val)
+        if kind in ("sym", "cmd") or val in ("(", "|"):
+            return self.atom()
+        return self._bad()
+
+    def _bad(self):
+        raise _Refused(f"unexpected {self.peek()[1]!r}")
+
+    def subscript_name(self) -> str:
+        kind, val = self.peek()
+        if val == "{":
+            j = self.i + 1
+            while j < len(self.toks) and self.toks[j][1] != "}":
+                j += 1
+            inner = self.toks[self.i + 1: j]
+            if all(k in ("num", "sym") for k, _ in inner) and inner:
+                self.i = j + 1
+                return "".join(v for _, v in inner)
+            return ""
+        if kind in ("num", "sym"):
+            self.i += 1
+            return val
+        return ""
+
+    def atom(self):
+        self.enter()
+        node = self._atom()
+        self.depth -= 1
+        return node
+
+    def _atom(self):
+        kind, val = self.peek()
+        self.i += 1
+        if kind == "num":
+            if self.peek()[1] == "_":  # base-n literal such as 204_5: an opaque token
+                self.i += 1
+                return sp.Symbol(f"{val}_{self.subscript_name() or self._bad()}")
+            if "." not in val and self.peek()[1] == r"\frac":  # mixed number 2\frac{1}{2}
+                save = self.i
+                self.i += 1
+                num, den = self.arg(), self.arg()
+                if num.is_Integer and den.is_Integer and den != 0 and self.toks[save + 1][0] in ("op", "num"):
+                    return sp.Integer(int(val)) + num / den
+                self.i = save
+            return sp.Rational(val)
+        if kind == "sym":
+            return self._symbol(val)
+        if val in ("(", "["):
+            e = self.expr()
+            if not self.accept(")"):
+                self.expect("]")
+            return e
+        if val == "{":
+            e = self.expr()
+            self.expect("}")
+            return e
+        if val == "|":
+            self.in_abs += 1
+            e = self.expr()
+            self.in_abs -= 1
+            self.expect("|")
+            return sp.Abs(e)
+        if kind == "cmd":
+            return self._command(val[1:])
+        self.i -= 1
+        return self._bad()
+
+    def _symbol(self, name: str):
+        if self.accept("_"):
+            sub = self.subscript_name()
+            if sub:
+                return sp.Symbol(f"{name}_{sub}")
+            return sp.Function(name)(self.arg())
+        if name in "fgh" and self.peek()[1] == "(":
+            self.i += 1
+            args = [self.expr()]
+            while self.accept(","):
+                args.append(self.expr())
+            self.expect(")")
+            return sp.Function(name)(*args)
+        return {"i": sp.I, "e": sp.E}.get(name) or sp.Symbol(name)
+
+    def _command(self, name: str):
+        if name == "frac":
+            num = self.arg()
+            return num / self.arg()
+        if name == "sqrt":
+            if self.accept("["):
+                n = self.expr()
+                self.expect("]")
+                if not n.is_Integer or not 1 <= n <= 1000:
+                    raise _Refused("bad root index")
+                return sp.root(self.arg(), n)
+            return sp.sqrt(self.arg())
+        if name == "pi":
+            return sp.pi
+        if name == "infty":
+            return sp.oo
+        if name == "binom":
+            n, k = self.arg(), self.arg()
+            if n.is_Number and (not n.is_Integer or abs(n) > MAX_FACTORIAL):
+                raise _Refused("binomial out of range")
+            return sp.binomial(n, k)
+        if name in ("lfloor", "lceil"):
+            e = self.expr()
+            self.expect("\\r" + name[1:])
+            return sp.floor(e) if name == "lfloor" else sp.ceiling(e)
+        if name in _GREEK:
+            return sp.Symbol(name)
+        if name in _FUNCS:
+            return self._function(name)
+        if name in ("sum", "prod"):
+            return self._big_operator(name)
+        self.i -= 1
+        return self._bad()
+
+    def _function(self, name: str):
+        base = None
+        if name == "log" and self.accept("_"):
+            base = self.arg()
+        power = self.arg() if self.accept("^") else None
+        if self.peek()[1] == "(":
+            self.i += 1
+            a = self.expr()
+            self.expect(")")
+        else:  # \sin 2x: the following product, up to the next function or operator
+            a = self.power()
+            while self.starts_atom(self.peek()) and not (self.peek()[1][1:] in _FUNCS):
+                a = a * self.power()
+        f = _FUNCS[name](a) if base is None else sp.log(a, base)
+        return f if power is None else _pow(f, power)
+
+    def _big_operator(self, name: str):
+        self.expect("_")
+        self.expect("{")
+        var = self._symbol(self.peek()[1]) if self.peek()[0] == "sym" else self._bad()
+        self.i += 1 if isinstance(var, sp.Symbol) and self.peek()[1] == var.name else 0
+        self.expect("=")
+        lo = self.expr()
+        self.expect("}")
+        self.expect("^")
+        hi = self.arg()
+        body = self.power()
+        while self.starts_atom(self.peek()):
+            body = body * self.power()
+        op = sp.Sum if name == "sum" else sp.Product
+        return op(body, (var, lo, hi))
+
+
+def parse_math(s: str):
+    """A normalised answer string -> sympy expression (raises _Refused)."""
+    if len(s) > MAX_ANSWER_CHARS:
+        raise _Refused("answer too long")
+    return _Parser(s).parse()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structures: lists/sets, tuples/intervals, unions, matrices, relations
+
+_REL_OPS = {"=": "=", "≤": "≤", "≥": "≥", "≠": "≠", "<": "<", ">": ">", "∈": "∈", r"\approx": "="}
+_MATRIX = re.compile(r"[(\[]?\s*\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}\s*[)\]]?", re.S)
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
+def _split_top(s: str, seps: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Split at depth 0; returns [(piece, separator_before)]."""
+    out, depth, start, i, prev = [], 0, 0, 0, ""
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] in "{}":
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0:
+            for sep in seps:
+                word = sep.isalpha()
+                if s.startswith(sep, i) and not (word and (s[i - 1: i].isalpha() or s[i + len(sep): i + len(sep) + 1].isalpha())) \
+                        and not (sep == "\\cup" and s[i + 4: i + 5].isalpha()):
+                    out.append((s[start:i], prev))
+                    prev, i, start = sep, i + len(sep), i + len(sep)
+                    break
+            else:
+                i += 1
+                continue
+            continue
+        i += 1
+    out.append((s[start:], prev))
+    return out
+
+
+def _outer_bracketed(s: str) -> bool:
+    """True if s[0] opens a bracket closed exactly at s[-1]."""
+    depth = 0
+    for i, c in enumerate(s):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if depth == 0:
+            return i == len(s) - 1
+    return False
+
+
+def _is_name(raw: str) -> bool:
+    """A left-hand side that just names the answer: x, f(x), |AB|, a_{37}, (p,q), V_1:V_2, a+b."""
+    bare = re.sub(r"_\{[^{}]*\}|_\w|\\[a-zA-Z]+", "", raw)
+    return 0 < len(raw) <= 30 and not re.search(r"\d", bare) and bool(re.search(r"[A-Za-z]", raw))
+
+
+def _value(s: str, deadline: float):
+    """Structured value of a normalised answer: a tagged tuple."""
+    if time.monotonic() > deadline:
+        raise _Timeout
+    s = s.strip().rstrip(".").strip()
+    if not s:
+        raise _Refused("empty")
+    if _THOUSANDS.fullmatch(s):
+        return ("expr", sp.Rational(s.replace(",", "")))
+    m = _MATRIX.fullmatch(s)
+    if m:
+        rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
+        return ("matrix", [[_value(c, deadline) for c in r.split("&")] for r in rows])
+    pieces = [(p.strip(), sep) for p, sep in _split_top(s, (",", ";", "and", "or")) if p.strip()]
+    if len(pieces) > 1:
+        if any(sep == ";" for _, sep in pieces) and any(sep == "," for _, sep in pieces):
+            groups = [g for g, _ in _split_top(s, (";",)) if g.strip()]
+            return ("list", [("tuple", "(", ")", [_strip_name(_value(p, deadline)) for p, _ in
+                                                   _split_top(g, (","))]) for g in groups])
+        return ("list", [_value(p, deadline) for p, _ in pieces])
+    parts = _split_top(s, tuple(_REL_OPS))
+    if len(parts) > 1:
+        ops = [_REL_OPS[sep] for _, sep in parts[1:]]
+        if ops == ["∈"]:
+            return _value(parts[1][0], deadline)
+        if "∈" in ops or any(not p.strip() for p, _ in parts):
+            raise _Refused("bad relation")
+        return ("rel", [(p.strip(), _value(p, deadline)) for p, _ in parts], ops)
+    parts = _split_top(s, ("\\cup",))
+    if len(parts) > 1:
+        return ("union", [_value(p, deadline) for p, _ in parts])
+    if s.startswith("\\{") and s.endswith("\\}"):
+        inner = s[2:-2]
+        return ("list", [_value(p, deadline) for p, _ in _split_top(inner, (",", ";")) if p.strip()])
+    if s[0] in "([{" and s[-1] in ")]}" and _outer_bracketed(s):
+        items = [p for p, _ in _split_top(s[1:-1], (",", ";"))]
+        if len(items) > 1:
+            vals = [_value(p, deadline) for p in items]
+            return ("list", vals) if s[0] == "{" else ("tuple", s[0], s[-1], vals)
+    pm = _split_top(s, ("\\pm", "\\mp"))
+    if len(pm) > 1:
+        head, rest = pm[0][0], "".join(("\\pm" if sep else "") + p for p, sep in pm[1:])[3:]
+        return ("list", [_value(f"{head}+{rest}", deadline), _value(f"{head}-{rest}", deadline)])
+    if ":" in s and not re.search(r"\\[a-zA-Z]*:", s):
+        parts = [p for p, _ in _split_top(s, (":",))]
+        if len(parts) > 1:
+            return ("ratio", [_value(p, deadline) for p in parts])
+    return ("expr", parse_math(s))
+
+
+def _strip_name(v):
+    if v[0] == "rel" and v[2] == ["="] and _is_name(v[1][0][0]):
+        return v[1][-1][1]
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numeric evaluation of sympy trees with Python complex numbers (bounded, no eval)
+
+_CFUNCS = {sp.sin: cmath.sin, sp.cos: cmath.cos, sp.tan: cmath.tan, sp.asin: cmath.asin, sp.acos: cmath.acos,
+           sp.atan: cmath.atan, sp.sinh: cmath.sinh, sp.cosh: cmath.cosh, sp.tanh: cmath.tanh,
+           sp.exp: cmath.exp, sp.sec: lambda z: 1 / cmath.cos(z), sp.csc: lambda z: 1 / cmath.sin(z),
+           sp.cot: lambda z: 1 / cmath.tan(z)}
+_SAMPLE_POINTS = ((0.5477, 1.3183, 0.8762, 2.1409), (1.7321, 0.6180, 2.4495, 1.1447), (2.9137, 1.9021, 0.4142, 3.3166))
+
+
+def _cnum(e, env: dict) -> complex:
+    if e.is_Integer or e.is_Rational or e.is_Float:
+        return complex(float(e))
+    if e.is_Symbol:
+        return env[e]
+    if e is sp.pi:
+        return complex(math.pi)
+    if e is sp.E:
+        return complex(math.e)
+    if e is sp.I:
+        return 1j
+    if e is sp.oo:
+        return complex(math.inf)
+    if e is sp.S.NegativeInfinity:
+        return complex(-math.inf)
+    args = [_cnum(a, env) for a in e.args]
+    if e.is_Add:
+        return sum(args)
+    if e.is_Mul:
+        out = 1
+        for a in args:
+            out *= a
+        return out
+    if e.is_Pow:
+        b, x = args
+        if b == 0:
+            return complex(0.0) if x.real > 0 else complex(math.inf)
+        if x.imag == 0 and x.real == int(x.real) and abs(x.real) < 10**6:
+            return b ** int(x.real)
+        return cmath.exp(x * cmath.log(b))
+    if isinstance(e, sp.Abs):
+        return complex(abs(args[0]))
+    if isinstance(e, sp.log):
+        return cmath.log(args[0]) / (cmath.log(args[1]) if len(args) > 1 else 1)
+    if isinstance(e, (sp.floor, sp.ceiling)) and args[0].imag == 0:
+        return complex((math.floor if isinstance(e, sp.floor) else math.ceil)(args[0].real))
+    if isinstance(e, sp.factorial) and args[0].imag == 0 and args[0].real < 170:
+        return complex(math.gamma(args[0].real + 1))
+    f = _CFUNCS.get(e.func)
+    if f is None:
+        raise _Refused(f"cannot evaluate {e.func}")
+    return f(*args)
+
+
+def _num(e, env: dict) -> complex | None:
+    try:
+        return _cnum(e, env)
+    except (_Refused, OverflowError, ZeroDivisionError, ValueError, KeyError):
+        return None
+
+
+def _expr_equal(a, b, deadline: float) -> bool:
+    if a == b:
+        return True
+    syms = sorted(a.free_symbols | b.free_symbols, key=str)
+    if len(syms) > len(_SAMPLE_POINTS[0]) * 2:
+        return False
+    agree = 0
+    for point in (_SAMPLE_POINTS if syms else _SAMPLE_POINTS[:1]):
+        if time.monotonic() > deadline:
+            raise _Timeout
+        env = {s: complex(point[k % 4] + 0.1 * (k // 4)) for k, s in enumerate(syms)}
+        va, vb = _num(a, env), _num(b, env)
+        if va is None or vb is None:
+            if va is None and vb is None and not syms:
+                return _exact_zero(a - b)
+            return False
+        if cmath.isnan(va) and cmath.isnan(vb):
+            continue
+        if not _close(va, vb):
+            return False
+        agree += 1
+    return agree > 0
+
+
+def _exact_zero(d) -> bool:
+    """Huge exact numbers overflow floats: compare them with sympy's own bounded arithmetic."""
+    try:
+        return bool(d == 0) or (d.is_number and abs(d.evalf(30)) < 1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matching structured values
+
+def _as_list(v) -> list:
+    return v[1] if v[0] == "list" else [v]
+
+
+def _region(v):
+    """(predicate over the reals, constants, variable) for an interval/union/inequality/point set."""
+    if v[0] == "tuple" and len(v[3]) == 2 and all(x[0] == "expr" and not x[1].free_symbols for x in v[3]):
+        lo, hi = (_num(x[1], {}) for x in v[3])
+        if lo is None or hi is None or lo.imag or hi.imag:
+            return None
+        lo, hi, lc, hc = lo.real, hi.real, v[1] == "[", v[2] == "]"
+        return (lambda t: (lo < t or (lc and t == lo)) and (t < hi or (hc and t == hi))), [lo, hi], None
+    if v[0] in ("union", "list"):
+        subs = [_region(x) if x[0] != "expr" else _point_region(x[1]) for x in v[1]]
+        if not subs or any(s is None for s in subs):
+            return None
+        var = next((s[2] for s in subs if s[2] is not None), None)
+        return (lambda t: any(s[0](t) for s in subs)), [c for s in subs for c in s[1]], var
+    if v[0] == "rel" and all(op in "<>≤≥" for op in v[2]):
+        exprs = [p[1][1] for p in v[1] if p[1][0] == "expr"]
+        if len(exprs) != len(v[1]):
+            return None
+        syms = set().union(*(e.free_symbols for e in exprs))
+        opaque = [e for e in exprs if not e.is_number]
+        if len(syms) == 1 and all(_num(e, {next(iter(syms)): 1.0}) is not None for e in exprs):
+            var = next(iter(syms))
+        elif len(opaque) == 1:
+            var = opaque[0]
+        else:
+            return None
+        consts = [c.real for e in exprs if e.is_number for c in [_num(e, {})] if c is not None and not c.imag]
+
+        def pred(t, exprs=exprs, ops=v[2], var=var):
+            vals = [(_num(e, {var: complex(t)}) if e.free_symbols else _num(e, {})) if e != var else complex(t)
+                    for e in exprs]
+            if any(x is None or abs(x.imag) > 1e-12 for x in vals):
+                return False
+            return all(_holds(vals[k].real, op, vals[k + 1].real) for k, op in enumerate(ops))
+        return pred, consts, var
+    return None
+
+
+def _point_region(e):
+    c = _num(e, {}) if not e.free_symbols else None
+    if c is None or c.imag:
+        return None
+    return (lambda t: abs(t - c.real) <= 1e-12 * max(1.0, abs(t))), [c.real], None
+
+
+def _holds(a: float, op: str, b: float) -> bool:
+    eq = abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    return {"<": a < b and not eq, ">": a > b and not eq, "≤": a < b or eq, "≥": a > b or eq}[op]
+
+
+def _regions_equal(p, g) -> bool | None:
+    rp, rg = _region(p), _region(g)
+    if rp is None or rg is None:
+        return None
+    if rp[2] is not None and rg[2] is not None and rp[2] != rg[2]:
+        return False
+    consts = sorted({c for c in rp[1] + rg[1] if math.isfinite(c)})
+    points = [0.0, 1e6, -1e6] + [c + d for c in consts for d in (0, 1e-7 * max(1, abs(c)), -1e-7 * max(1, abs(c)))]
+    points += [(x + y) / 2 for x, y in zip(consts, consts[1:])] + ([consts[0] - 1, consts[-1] + 1] if consts else [])
+    return all(rp[0](t) == rg[0](t) for t in points)
+
+
+def _match(p, g, deadline: float) -> bool:
+    if time.monotonic() > deadline:
+        raise _Timeout
+    if p[0] == "list" or g[0] == "list":
+        return _match_lists(_as_list(p), _as_list(g), deadline)
+    if p[0] == "rel" or g[0] == "rel":
+        return _match_rel(p, g, deadline)
+    if p[0] == "union" or g[0] == "union":
+        r = _regions_equal(p, g)
+        return bool(r) if r is not None else (p[0] == g[0] and _match_lists(p[1], g[1], deadline))
+    if p[0] != g[0]:
+        return False
+    if p[0] == "expr":
+        return _expr_equal(p[1], g[1], deadline)
+    if p[0] == "tuple":
+        return (p[1], p[2]) == (g[1], g[2]) and len(p[3]) == len(g[3]) and \
+            all(_match(x, y, deadline) for x, y in zip(p[3], g[3]))
+    if p[0] == "ratio":
+        return len(p[1]) == len(g[1]) and all(_match(x, y, deadline) for x, y in zip(p[1], g[1]))
+    if p[0] == "matrix":
+        return [len(r) for r in p[1]] == [len(r) for r in g[1]] and \
+            all(_match(x, y, deadline) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg))
+    return False
+
+
+def _match_lists(ps: list, gs: list, deadline: float) -> bool:
+    """Unordered: every gold item matches a distinct prediction item (duplicates in either are merged)."""
+    ps = [_strip_name(v) for v in ps]
+    gs = [_strip_name(v) for v in gs]
+    ps = [v for k, v in enumerate(ps) if v not in ps[:k]]
+    gs = [v for k, v in enumerate(gs) if v not in gs[:k]]
+    if len(ps) == 1 and len(gs) == 1:
+        return _match(ps[0], gs[0], deadline)
+    if len(ps) != len(gs):
+        return False
+    free = list(range(len(ps)))
+    for g in gs:
+        hit = next((k for k in free if _match(ps[k], g, deadline)), None)
+        if hit is None:
+            return False
+        free.remove(hit)
+    return True
+
+
+def _match_rel(p, g, deadline: float) -> bool:
+    if g[0] == "rel" and p[0] == "rel":
+        if g[2] == ["="] * len(g[2]) and p[2] == ["="] * len(p[2]):
+            (gl, gv), (pl, pv) = g[1][0], p[1][0]
+            if _is_name(gl) and _is_name(pl):
+                return _key(gl) == _key(pl) and _match(p[1][-1][1], g[1][-1][1], deadline)
+            return _equations_equal(p, g, deadline)
+        r = _regions_equal(p, g)
+        if r is not None:
+            return r
+        flip = {"<": ">", ">": "<", "≤": "≥", "≥": "≤", "≠": "≠"}
+        for parts, ops in ((p[1], p[2]), (p[1][::-1], [flip.get(o, o) for o in p[2][::-1]])):
+            if ops == g[2] and all(_match(x[1], y[1], deadline) for x, y in zip(parts, g[1])):
+                return True
+        return False
+    if g[0] == "rel":
+        if g[2] == ["="] * len(g[2]) and _is_name(g[1][0][0]):
+            return _match(p, g[1][-1][1], deadline)
+        return bool(_regions_equal(p, g))
+    if p[2] == ["="] * len(p[2]):  # a prediction x = 5 + 5 = 10 answers with its last side
+        return _match(p[1][-1][1], g, deadline)
+    return bool(_regions_equal(p, g))
+
+
+def _equations_equal(p, g, deadline: float) -> bool:
+    """Equations a = b and c = d agree if a - b is a constant non-zero multiple of c - d."""
+    parts = [x[1] for x in (p[1][0], p[1][-1], g[1][0], g[1][-1])]
+    if any(x[0] != "expr" for x in parts):
+        return False
+    dp, dg = parts[0][1] - parts[1][1], parts[2][1] - parts[3][1]
+    syms = sorted(dp.free_symbols | dg.free_symbols, key=str)
+    ratios = []
+    for point in _SAMPLE_POINTS:
+        env = {s: complex(point[k % 4] + 0.1 * (k // 4)) for k, s in enumerate(syms)}
+        a, b = _num(dp, env), _num(dg, env)
+        if a is None or b is None:
+            return dp == dg
+        if abs(b) < 1e-12:
+            if abs(a) > 1e-12:
+                return False
+            continue
+        ratios.append(a / b)
+    return bool(ratios) and all(abs(r) > 1e-12 and _close(r, ratios[0]) for r in ratios)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
+    """(equal, error_type if not equal)."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if _key(p) == _key(g) or (_key(p).lower() == _key(g).lower() and not re.search(r"[=<>≤≥]", p)):
+        return True, None
+    pn, gn = _plain_number(p), _plain_number(g)
+    if pn is not None and gn is not None:
+        return _close(complex(pn), complex(gn)), "wrong"
+    if max(len(p), len(g)) > MAX_ANSWER_CHARS:
+        return False, "wrong"
+    deadline = time.monotonic() + TIME_BUDGET_S
+    try:
+        gv = _value(g, deadline)
+        pv = _value(p, deadline)
+        return _match(pv, gv, deadline), "wrong"
+    except _Timeout:
+        return False, "timeout"
+    except (_Refused, RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
+        return False, "parse_error"
+
+
+def is_equiv(pred: str, gold: str, dataset: str = "math") -> bool:
+    """True if the extracted answer `pred` is equivalent to the bare gold answer."""
+    return _equiv(pred, gold, dataset)[0]
+
+
+def grade(response: str, gold: str, dataset: str, truncated: bool = False) -> Verdict:
+    """Extract the answer from a full model response and compare it with the gold answer."""
+    answer, how = _extract(response, dataset)
+    if answer is None:
+        return Verdict(False, None, how)
+    if truncated and how not in EXPLICIT_METHODS:
+        return Verdict(False, answer, "truncated")
+    ok, err = _equiv(answer, gold, dataset)
+    return Verdict(ok, answer, None if ok else err)
+
+
+def score_fn(prediction: str, gold: str, dataset: str) -> bool:
+    """For ../shared/grader-dev/score.py."""
+    return grade(prediction, gold, dataset).correct
+
+
+def grade_file(input_path: str, output_path: str) -> dict:
+    """Re-grade a predictions JSONL ({"id", "dataset", "response", "gold"[, "truncated"]}) into verdict rows
+    ({"id", "correct", "extracted", "error_type"}). Returns {"n", "correct", "accuracy"}."""
+    n = correct = 0
+    with open(input_path, encoding="utf-8") as fin, open(output_path, "w", encoding="utf-8") as fout:
+        for lineno, line in enumerate(fin, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                v = grade(row["response"], str(row["gold"]), row["dataset"], bool(row.get("truncated", False)))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{input_path}:{lineno}: expected a JSON object with keys id, dataset, "
+                                 f"response, gold ({type(e).__name__}: {e}); fix or drop that line") from e
+            fout.write(json.dumps({"id": row.get("id"), "correct": v.correct, "extracted": v.extracted,
+                                   "error_type": v.error_type}, ensure_ascii=False) + "\n")
+            n += 1
+            correct += v.correct
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
