@@ -1,0 +1,867 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5) in plain torch.
+
+Read top to bottom:
+  1. ModelArgs        - the config, read from / written to Hugging Face config.json (old and transformers-5 styles)
+  2. the modules      - RMSNorm (fp32 math like HF), RoPE (HF rotate_half, no q/k permutation), GQA attention,
+                        SwiGLU MLP, decoder block, Transformer with HF parameter names
+  3. attention plans  - how a forward attends: plain causal, a boolean mask, per-document, flex (see ATTN_IMPLS)
+  4. HF I/O           - from_pretrained / load_hf_weights / save_pretrained (safetensors, sharded or not)
+  5. decoding         - KVCache (static buffers, left-padded batch) and generate()
+  6. make-tiny        - a random-init model of a real architecture, with a tokenizer, in HF format
+
+Module and parameter names equal the Hugging Face ones (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+..., `lm_head`), so `state_dict()` keys equal the keys of HF safetensors files and no key mapping is needed.
+RoPE uses the HF `rotate_half` convention, so q/k weights are loaded as they are (no permutation).
+
+Packed rows: `doc_ids` [B, T] marks documents (maximal runs of equal ids). Attention is causal inside a
+document and never crosses one. `attn_impl` chooses the mechanism (constructor argument, or
+`model.attn_impl = ...` at any time):
+  - "sdpa_mask": one SDPA call with a boolean block-diagonal causal mask [B, 1, T, T]. Simple; computes every
+    score of the T x T square.
+  - "per_doc":   gather each document into its own row of a [N_docs, H, L_max, D] batch (right-padded), run
+    causal SDPA once (flash-style kernel, no mask), scatter back. Right padding is never attended by real
+    tokens under the causal mask, so no mask is needed. Cost ~ N_docs * L_max^2 / 2 instead of T^2.
+  - "flex":      torch.nn.attention.flex_attention with a document block mask (compiled once on CUDA with
+    dynamic=False; eager on CPU, where it is inference only: no backward on CPU in torch 2.13).
+  - "auto":      per_doc (measured fastest on CPU, see docs/benchmarks.md "Model forward/backward" and
+    scripts/bench_model.py; on CUDA also per_doc until measured there).
+Without doc_ids the model runs plain causal SDPA (`is_causal=True`), whatever attn_impl says.
+
+CLI:  python model.py make-tiny --out DIR --arch llama|qwen2|mistral [--tokenizer DIR] [--seed 0] [--hidden 64 ...]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# model_type -> HF architecture class name. The only types this decoder implements.
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+ATTN_IMPLS = ("auto", "sdpa_mask", "per_doc", "flex")
+CONFIG_NAME, INDEX_NAME, SINGLE_WEIGHTS_NAME = "config.json", "model.safetensors.index.json", "model.safetensors"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. config
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections (qwen2: always True)
+    o_bias: bool = False  # o_proj (llama attention_bias)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # mistral v0.1; enforced as "sequence must fit in the window"
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # the checkpoint's stored dtype (config torch_dtype / dtype)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> ModelArgs:
+        """Reads a HF config.json dict: old style (rope_theta, rope_scaling{rope_type|type}, torch_dtype) and
+        transformers-5 style (rope_parameters{rope_type, rope_theta, ...}, dtype)."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r} (architectures={d.get('architectures')}); "
+                             f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
+        if mt == "qwen2" and d.get("use_sliding_window", False):
+            raise ValueError("qwen2 config has use_sliding_window=true; sliding-window attention is not implemented")
+        rp = d.get("rope_parameters") or {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e4)}
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        scaling = None
+        if rope_type != "default":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = {"rope_type": rope_type, **{k: rp[k] for k in keys if k in rp}}
+        sliding = d.get("sliding_window") if mt == "mistral" else None
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rp.get("rope_theta", 1e4)), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
+            o_bias=bool(d.get("attention_bias", False)) if mt == "llama" else False,
+            mlp_bias=bool(d.get("mlp_bias", False)) if mt == "llama" else False,
+            sliding_window=sliding, bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"), dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+        )
+
+    def to_hf_config(self) -> dict:
+        """A config.json dict in the classic style (rope_theta/rope_scaling/torch_dtype) that transformers 4.4x
+        and 5.x both read."""
+        d = {
+            "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": self.dtype,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "initializer_range": 0.02, "use_cache": True,
+        }
+        if self.model_type == "llama":
+            d |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias}
+            if self.qkv_bias != self.o_bias:
+                raise ValueError("llama's attention_bias covers q/k/v and o together; qkv_bias != o_bias")
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers}
+        return d
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. modules
+
+
+class RMSNorm(nn.Module):
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale (in the input dtype)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in fp32, exactly as transformers computes them (default and llama3)."""
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    sc = args.rope_scaling
+    if not sc or sc.get("rope_type", "default") == "default":
+        return inv
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    inv_l = torch.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+    return torch.where(medium, smoothed, inv_l)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        h, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.layer_idx = (
+            args.num_attention_heads, args.num_key_value_heads, hd, layer_idx)
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=args.o_bias)
+
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+        y = attend(q, k, v, plan)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b), nn.Linear(i, h, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """HF's `model.` prefix: embed_tokens, layers, norm, plus the (non-persistent) RoPE inverse frequencies."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, attn_impl: str = "auto"):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
+        self.args, self.attn_impl = args, attn_impl
+        self.activation_checkpointing = False
+        self.generation_config: dict | None = None  # generation_config.json of the loaded folder, written back on save
+        self.model = DecoderModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ---- construction ----
+    @classmethod
+    def from_args(cls, args: ModelArgs, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  attn_impl: str = "auto", generator: torch.Generator | None = None) -> Transformer:
+        """Builds the model. device="meta" gives an unallocated model: later `to_empty(device=...)`, then
+        `reset_buffers()` and `load_hf_weights(path)` (or `init_weights()`). Any other device is initialised
+        like HF (normal(0, 0.02) linears and embeddings, ones for norms, zero biases)."""
+        with torch.device("meta"):
+            model = cls(args, attn_impl=attn_impl)
+        if dtype is not None:
+            model.to(dtype)
+        if torch.device(device or "cpu").type != "meta":
+            model.to_empty(device=device or "cpu")
+            model.reset_buffers()
+            model.init_weights(generator=generator)
+        return model
+
+    def reset_buffers(self) -> None:
+        """Recomputes the non-persistent RoPE buffer and re-ties lm_head to embed_tokens (when tied). Call after
+        `to_empty(...)`: that allocates garbage buffers and unties shared parameters."""
+        emb = self.model.embed_tokens.weight
+        self.model.inv_freq = rope_inv_freq(self.args, device=emb.device)
+        if self.args.tie_word_embeddings and self.lm_head.weight is not emb:
+            self.lm_head.weight = emb
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """HF-style random init, deterministic for a seeded generator (parameters in named order)."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32) * std)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder block in backward (torch.utils.checkpoint, non-reentrant). FQNs don't change."""
+        self.activation_checkpointing = bool(enabled)
+
+    # ---- forward ----
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                key_padding_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or, with return_hidden, the final-norm hidden states [B, T, h]
+        so a caller can apply `lm_head` in chunks).
+
+        doc_ids [B, T]: packed rows; attention stays inside each document (run of equal ids); position_ids
+          default to restarting at 0 per document.
+        key_padding_mask [B, T] bool: False marks padding (left padding for decoding); position_ids default to
+          cumsum(mask) - 1.
+        cache: a KVCache; the new keys/values are written at cache.offset and attention covers the whole cache.
+        """
+        B, T = input_ids.shape
+        if doc_ids is not None and (cache is not None or key_padding_mask is not None):
+            raise ValueError("doc_ids (packed rows) cannot be combined with cache or key_padding_mask; give padding "
+                             "its own document id instead")
+        total = T + (cache.offset if cache is not None else 0)
+        if self.args.sliding_window and total > self.args.sliding_window:
+            raise ValueError(f"sequence length {total} exceeds sliding_window={self.args.sliding_window}; "
+                             "sliding-window attention is not implemented")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, doc_ids, key_padding_mask, cache)
+        plan = make_attn_plan(self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask, cache)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.model.inv_freq, position_ids, h.dtype)
+        use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        for layer in self.model.layers:
+            if use_ckpt:
+                h = checkpoint(layer, h, cos, sin, plan, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, plan, cache)
+        if cache is not None:
+            cache.advance(T)
+        h = self.model.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    def resolved_attn_impl(self, device: torch.device) -> str:
+        return "per_doc" if self.attn_impl == "auto" else self.attn_impl
+
+    # ---- HF I/O (section 4) ----
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", attn_impl: str = "auto") -> Transformer:
+        """Loads a local HF folder (config.json + model.safetensors or sharded with model.safetensors.index.json).
+        No network, no remote code."""
+        path = Path(path)
+        args = ModelArgs.from_hf_config(read_json(path / CONFIG_NAME))
+        model = cls.from_args(args, device="meta", dtype=dtype, attn_impl=attn_impl)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        model.load_hf_weights(path)
+        gen = path / "generation_config.json"
+        model.generation_config = read_json(gen) if gen.is_file() else None
+        return model
+
+    def load_hf_weights(self, path: str | os.PathLike, allow_missing: Iterable[str] = ("lora_",)) -> None:
+        """Copies HF safetensors weights into the (already allocated) parameters, converting dtype. Errors name
+        missing, unexpected and wrongly shaped keys. Parameters whose name contains any `allow_missing` substring
+        (LoRA adapters by default) may be absent. Works for plain tensors and FSDP2 DTensor parameters."""
+        from safetensors import safe_open
+
+        files = weight_files(Path(path))
+        params = dict(self.named_parameters(remove_duplicate=True))
+        expected = {k for k in params if not any(s in k for s in allow_missing)}
+        found: dict[str, Path] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    found[k] = f
+        ignorable = {k for k in found if k.endswith("rotary_emb.inv_freq")
+                     or (k == "lm_head.weight" and self.args.tie_word_embeddings)}
+        missing, unexpected = sorted(expected - found.keys()), sorted(found.keys() - params.keys() - ignorable)
+        if missing or unexpected:
+            raise KeyError(f"weights in {path} do not match {self.args.model_type} model: "
+                           f"missing {len(missing)} {missing[:8]}, unexpected {len(unexpected)} {unexpected[:8]}")
+        by_file: dict[Path, list[str]] = {}
+        for k in expected | (found.keys() & params.keys()):
+            by_file.setdefault(found[k], []).append(k)
+        with torch.no_grad():
+            for f, keys in by_file.items():
+                with safe_open(f, framework="pt") as sf:
+                    for k in keys:
+                        _copy_into(params[k], sf.get_tensor(k), k, f)
+        self.reset_buffers()
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | None = None) -> None:
+        """Writes HF format: config.json, generation_config.json (when known), model.safetensors or
+        model-0000i-of-0000n.safetensors + model.safetensors.index.json. Tied lm_head.weight is omitted."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v for k, v in self.state_dict().items()
+              if not (k == "lm_head.weight" and self.args.tie_word_embeddings)}
+        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+        sd = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
+        shards = shard_state_dict(sd, parse_size(max_shard_size))
+        for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
+            stale.unlink(missing_ok=True)
+        if len(shards) == 1:
+            save_file(shards[0], path / SINGLE_WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, path / name, metadata={"format": "pt"})
+                weight_map |= dict.fromkeys(shard, name)
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        stored = next(iter(sd.values())).dtype
+        cfg = self.args.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
+        write_json(path / CONFIG_NAME, cfg)
+        if self.generation_config is not None:
+            write_json(path / "generation_config.json", self.generation_config)
+
+
+def default_position_ids(input_ids, doc_ids, key_padding_mask, cache) -> torch.Tensor:
+    B, T = input_ids.shape
+    if doc_ids is not None:
+        return positions_from_doc_ids(doc_ids)
+    if key_padding_mask is not None:
+        pos = key_padding_mask.long().cumsum(-1) - 1
+        if cache is not None and cache.offset > 0:
+            pos = pos + cache.valid[:, : cache.offset].long().sum(-1, keepdim=True)
+        return pos.clamp(min=0)
+    start = cache.offset if cache is not None else 0
+    return torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... restarting at every document start (a change of doc id along the row)."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - last_start
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. attention plans: computed once per forward, shared by all layers
+
+
+@dataclass
+class AttnPlan:
+    kind: str  # "causal" | "mask" | "per_doc" | "flex"
+    mask: torch.Tensor | None = None  # "mask": bool [B, 1, T, S], True = attend
+    gather: torch.Tensor | None = None  # "per_doc": [N, L] indices into the flattened B*T tokens
+    scatter: torch.Tensor | None = None  # "per_doc": [B*T] indices into the flattened N*L document slots
+    block_mask: object = None  # "flex": a BlockMask
+
+
+def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask, cache) -> AttnPlan:
+    if cache is not None:
+        return AttnPlan("mask", mask=cache.attention_mask(T, key_padding_mask))
+    if key_padding_mask is not None:
+        valid = key_padding_mask.bool()
+        i = torch.arange(T, device=valid.device)
+        causal = i[:, None] >= i[None, :]
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)
+        return AttnPlan("mask", mask=mask[:, None])
+    if doc_ids is None:
+        return AttnPlan("causal")
+    seg = segment_ids(doc_ids)  # [B, T] global segment index
+    if impl == "sdpa_mask":
+        i = torch.arange(T, device=seg.device)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (i[:, None] >= i[None, :])
+        return AttnPlan("mask", mask=mask[:, None])
+    if impl == "per_doc":
+        return per_doc_plan(seg)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def doc_causal(b, h, q, kv):
+            return (seg[b, q] == seg[b, kv]) & (q >= kv)
+
+        B = seg.shape[0]
+        return AttnPlan("flex", block_mask=create_block_mask(doc_causal, B, None, T, T, device=seg.device))
+    raise ValueError(f"attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
+
+
+def segment_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """A distinct id for every maximal run of equal doc ids, numbered across the whole batch."""
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return start.flatten().long().cumsum(0).view_as(doc_ids) - 1
+
+
+def per_doc_plan(seg: torch.Tensor) -> AttnPlan:
+    """Index maps between the packed B*T tokens and a right-padded [N_docs, L_max] batch of documents."""
+    flat = seg.flatten()
+    lengths = torch.bincount(flat)
+    n, L = lengths.numel(), int(lengths.max())  # one host sync per forward
+    starts = lengths.cumsum(0) - lengths
+    slot = torch.arange(L, device=seg.device)
+    gather = (starts[:, None] + slot[None, :]).clamp(max=flat.numel() - 1)  # padding slots read any valid token
+    scatter = flat * L + (torch.arange(flat.numel(), device=seg.device) - starts[flat])
+    assert gather.shape == (n, L)
+    return AttnPlan("per_doc", gather=gather, scatter=scatter)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":  # eager on CPU: inference only, and slow; used by the tests as a reference
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex is None:  # compiled once per process (torchtitan keeps it as a class variable)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attend(q, k, v, plan: AttnPlan) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
+    if plan.kind == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if plan.kind == "mask":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=True)
+    if plan.kind == "flex":
+        return _flex(q, k, v, plan.block_mask)
+    B, H, T, D = q.shape
+    n, L = plan.gather.shape
+
+    def to_docs(x):  # [B, h, T, D] -> [N, h, L, D]
+        flat = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+        return flat[plan.gather].transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(to_docs(q), to_docs(k), to_docs(v), is_causal=True, enable_gqa=True)
+    y = y.transpose(1, 2).reshape(n * L, H, D)[plan.scatter]  # [B*T, H, D]
+    return y.view(B, T, H, D).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. HF files
+
+
+def read_json(p: Path) -> dict:
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: expected a Hugging Face model folder with {p.name}")
+    return json.loads(p.read_text())
+
+
+def write_json(p: Path, d: dict) -> None:
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a folder: those listed in model.safetensors.index.json, or model.safetensors."""
+    if (path / INDEX_NAME).is_file():
+        names = sorted(set(read_json(path / INDEX_NAME)["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX_NAME} lists weight files that do not exist: {missing}")
+        return [path / n for n in names]
+    if (path / SINGLE_WEIGHTS_NAME).is_file():
+        return [path / SINGLE_WEIGHTS_NAME]
+    other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+    hint = f" (found {other}: convert them to safetensors first)" if other else ""
+    raise FileNotFoundError(f"no weights in {path}: expected {SINGLE_WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+
+
+def _copy_into(param: torch.Tensor, t: torch.Tensor, key: str, f: Path) -> None:
+    if tuple(t.shape) != tuple(param.shape):
+        raise ValueError(f"shape mismatch for {key} in {f}: file has {tuple(t.shape)}, model expects "
+                         f"{tuple(param.shape)} (is config.json the one these weights were saved with?)")
+    if hasattr(param, "device_mesh"):  # FSDP2 DTensor parameter: keep only the local shard
+        from torch.distributed.tensor import distribute_tensor
+
+        t = distribute_tensor(t.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(t)
+
+
+def parse_size(s: int | str) -> int:
+    if isinstance(s, int):
+        return s
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    u = s.strip().upper()
+    for name, mult in units.items():
+        if u.endswith(name) and u[: -len(name)].strip().replace(".", "", 1).isdigit():
+            return int(float(u[: -len(name)]) * mult)
+    if u.isdigit():
+        return int(u)
+    raise ValueError(f"max_shard_size={s!r}: expected bytes as int or a string like '5GB', '500MB'")
+
+
+def shard_state_dict(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in key order: a new shard starts when the next tensor would overflow max_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. decoding
+
+
+class KVCache:
+    """Static per-layer K/V buffers [L, B, H_kv, max_len, D] (gpt-fast style) for a left-padded batch.
+
+    All rows share one write offset; `valid` [B, max_len] is the key-padding mask (False for left padding).
+    The model writes new keys at `offset` and then calls `advance(T)`."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.offset = 0
+        self.max_len = max_len
+
+    def attention_mask(self, T: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Marks the T new positions valid (or as key_padding_mask says) and returns bool [B, 1, T, offset+T]:
+        causal over absolute cache positions, no padding keys, the diagonal always on (no empty rows)."""
+        o = self.offset
+        if o + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {o} + {T} tokens > max_len={self.max_len}")
+        self.valid[:, o:o + T] = True if key_padding_mask is None else key_padding_mask.bool()
+        q_pos = torch.arange(o, o + T, device=self.valid.device)
+        k_pos = torch.arange(o + T, device=self.valid.device)
+        causal = k_pos[None, :] <= q_pos[:, None]
+        mask = (causal[None] & self.valid[:, None, : o + T]) | (k_pos[None, None, :] == q_pos[None, :, None])
+        return mask[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        o, T = self.offset, k.shape[2]
+        self.k[layer, :, :, o:o + T] = k
+        self.v[layer, :, :, o:o + T] = v
+        return self.k[layer, :, :, : o + T], self.v[layer, :, :, : o + T]
+
+    def advance(self, T: int) -> None:
+        self.offset += T
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drops finished rows so they stop costing compute."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid = self.valid[rows]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]  # generated ids, prompt excluded, the stopping EOS excluded
+    finish_reason: str  # "eos" (an eos id was sampled), "stop" (should_stop said so), "length" (max_new_tokens)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """logits [B, V] -> [B]. temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: Iterable[int],
+             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             should_stop: Callable[[int, list[int]], bool] | None = None, pad_id: int = 0) -> list[GenerationOutput]:
+    """Batched, left-padded, KV-cached decoding of token ids.
+
+    Returns one GenerationOutput per prompt (same order). A row stops at an eos id (excluded from tokens,
+    finish_reason "eos"), when should_stop(row_index, tokens_so_far) is True after a token (that token is kept,
+    "stop"), or after max_new_tokens ("length"). Finished rows are dropped from the batch. Greedy output does
+    not depend on the batch size (up to float rounding of padded batches)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs a non-empty list of non-empty prompts")
+    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    outs = [GenerationOutput([], "length") for _ in prompts]
+    if max_new_tokens <= 0:
+        return outs
+    cache = KVCache(model.args, B, P + max_new_tokens, device=device, dtype=dtype)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, position_ids=pos, cache=cache, key_padding_mask=valid)[:, -1]
+    next_pos = pos[:, -1:] + 1
+    rows = list(range(B))  # batch row -> prompt index
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        is_eos = torch.isin(tok, eos).tolist()
+        keep = []
+        for r, (i, t) in enumerate(zip(rows, tok.tolist())):
+            if is_eos[r]:
+                outs[i].finish_reason = "eos"
+                continue
+            outs[i].tokens.append(t)
+            if should_stop is not None and should_stop(i, outs[i].tokens):
+                outs[i].finish_reason = "stop"
+                continue
+            keep.append(r)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=device)
+            cache.keep_rows(idx)
+            tok, next_pos = tok[idx], next_pos[idx]
+            rows = [rows[r] for r in keep]
+        logits = model(tok[:, None], position_ids=next_pos, cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    return outs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. make-tiny: a random-init model of a real architecture in HF format, in seconds
+
+_TINY_CORPUS = """\
+Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
+How many clips did Natalia sell altogether in April and May? Natalia sold 48/2 = 24 clips in May.
+Natalia sold 48+24 = 72 clips altogether in April and May. The answer is 72.
+Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?
+Let x be the number of apples. Then 3x + 5 = 20, so x = 5. Therefore the final answer is \\boxed{5}.
+The sum of the angles of a triangle is 180 degrees. What is the value of \\frac{1}{2} + \\frac{1}{3}?
+Question: If a train travels 60 miles per hour for 3 hours, how far does it travel? Answer: 180 miles.
+We compute \\sqrt{16} = 4 and 2^{10} = 1024. The remainder when 100 is divided by 7 is 2.
+"""
+
+
+def _train_tiny_tokenizer(out: Path, seed: int):
+    """A byte-level BPE (digits split individually) trained on a small built-in corpus, saved so that
+    transformers.AutoTokenizer loads it. Specials: <|endoftext|> (eos/pad), <|im_start|>, <|im_end|>."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    lines = _TINY_CORPUS.splitlines() * 4
+    ops = [("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b)]
+    for _ in range(400):
+        a, b = rng.randint(0, 999), rng.randint(0, 99)
+        sym, fn = rng.choice(ops)
+        lines.append(f"What is {a} {sym} {b}? {a} {sym} {b} = {fn(a, b)}. The answer is {fn(a, b)}.")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:], chat_template=chat)
+    fast.save_pretrained(out)
+    return fast
+
+
+@dataclass
+class MakeTiny:
+    """Write a random-init model of a real architecture (HF format, with tokenizer) in seconds."""
+
+    out: Path  # output folder
+    arch: str = "llama"  # llama | qwen2 | mistral
+    tokenizer: Path | None = None  # copy this tokenizer folder; default: train a small byte-level BPE
+    seed: int = 0
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 0  # 0 -> ~8/3 * hidden rounded up to a multiple of 32
+    vocab: int = 0  # 0 -> the tokenizer's size rounded up to a multiple of 64
+    max_position_embeddings: int = 4096
+    rope_scaling: str = "none"  # none | llama3 (llama only)
+    dtype: str = "float32"
+
+
+def make_tiny(out: str | os.PathLike, arch: str = "llama", tokenizer: str | os.PathLike | None = None, seed: int = 0,
+              **sizes) -> Path:
+    """Function form of `python model.py make-tiny`. `sizes` are MakeTiny fields (hidden, layers, heads, ...);
+    any other keyword must be a ModelArgs field and overrides it (e.g. tie_word_embeddings=True). Returns out."""
+    names = set(MakeTiny.__dataclass_fields__)
+    extra = {k: v for k, v in sizes.items() if k not in names}
+    bad = sorted(set(extra) - set(ModelArgs.__dataclass_fields__))
+    if bad:
+        raise TypeError(f"make_tiny got unknown arguments {bad}; expected MakeTiny or ModelArgs fields")
+    cfg = MakeTiny(out=Path(out), arch=arch, tokenizer=Path(tokenizer) if tokenizer else None, seed=seed,
+                   **{k: v for k, v in sizes.items() if k in names})
+    return _make_tiny(cfg, extra)
+
+
+def _make_tiny(cfg: MakeTiny, extra: dict | None = None) -> Path:
+    from transformers import AutoTokenizer
+
+    if cfg.arch not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"--arch {cfg.arch!r}: expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen_cfg = None
+    if cfg.tokenizer is not None:
+        src = Path(cfg.tokenizer)
+        if not src.is_dir():
+            raise FileNotFoundError(f"--tokenizer {src}: not a folder")
+        # Re-save through transformers so the folder always has a tokenizer.json: without one, AutoTokenizer on
+        # a folder whose config says model_type=mistral tries a slow->fast conversion that needs sentencepiece.
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(out)
+        if (src / "generation_config.json").is_file():
+            gen_cfg = read_json(src / "generation_config.json")
+    else:
+        tok = _train_tiny_tokenizer(out, cfg.seed)
+    vocab = cfg.vocab or -(-len(tok) // 64) * 64
+    if vocab < len(tok):
+        raise ValueError(f"--vocab {vocab} is smaller than the tokenizer's {len(tok)} tokens")
+    eos = tok.eos_token_id
+    gen_cfg = gen_cfg or {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
+    per_arch = {"llama": {"rope_theta": 500000.0}, "mistral": {"rope_theta": 1e6},
+                "qwen2": {"rope_theta": 1e6, "tie_word_embeddings": True, "qkv_bias": True, "rms_norm_eps": 1e-6}}
+    kw = dict(per_arch[cfg.arch])
+    if cfg.rope_scaling == "llama3":
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    inter = cfg.intermediate or -(-int(cfg.hidden * 8 / 3) // 32) * 32
+    args = ModelArgs(model_type=cfg.arch, vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=inter,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     max_position_embeddings=cfg.max_position_embeddings, bos_token_id=gen_cfg.get("bos_token_id"),
+                     eos_token_id=gen_cfg.get("eos_token_id"), pad_token_id=tok.pad_token_id, dtype=cfg.dtype,
+                     **(kw | (extra or {})))
+    model = Transformer.from_args(args, device="cpu", generator=torch.Generator().manual_seed(cfg.seed))
+    model.generation_config = {k: v for k, v in gen_cfg.items() if v is not None}
+    model.save_pretrained(out, dtype=_DTYPES[cfg.dtype])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    cfg = tyro.extras.subcommand_cli_from_dict({"make-tiny": MakeTiny}, args=argv, use_underscores=True)
+    out = _make_tiny(cfg)
+    print(json.dumps({"out": str(out), "config": asdict(cfg) | {"out": str(out), "tokenizer": str(cfg.tokenizer)}}))
+
+
+if __name__ == "__main__":
+    main()

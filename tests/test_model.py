@@ -1,0 +1,280 @@
+"""model.py against transformers (the reference implementation) on tiny random configs, fp32, CPU."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import model as M
+
+V = 160  # vocab of the tiny HF models
+
+
+def hf_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":  # GQA + llama3 rope scaling (short original context so the scaling bites) + attention bias
+        return LlamaConfig(**common, attention_bias=True, rope_theta=500000.0,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if arch == "mistral":  # explicit head_dim != hidden / heads
+        return MistralConfig(**common | {"num_key_value_heads": 1}, head_dim=32, rope_theta=1e6, sliding_window=None)
+    if arch == "qwen2":  # tied embeddings + hard-coded qkv bias
+        return Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """One saved transformers model per architecture, weights re-drawn with a larger std (decisive argmax)."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, arch in enumerate(["llama", "mistral", "qwen2"]):
+        torch.manual_seed(i)
+        hf = AutoModelForCausalLM.from_config(hf_config(arch))
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0, 0.15)
+        d = tmp_path_factory.mktemp(arch)
+        hf.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+def load_hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_logits_match_transformers(hf_dirs, arch):
+    ours, theirs = M.Transformer.from_pretrained(hf_dirs[arch]), load_hf(hf_dirs[arch])
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert set(ours.state_dict()) - {"lm_head.weight"} <= set(theirs.state_dict())
+    if arch == "qwen2":
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+        assert ours.model.layers[0].self_attn.q_proj.bias is not None
+        assert ours.model.layers[0].self_attn.o_proj.bias is None
+
+
+def test_reads_old_and_new_config_styles(shared):
+    q = M.ModelArgs.from_hf_config(json.loads((shared / "models/qwen2.5-0.5b/config.json").read_text()))
+    assert (q.model_type, q.rope_theta, q.tie_word_embeddings, q.qkv_bias, q.head_dim, q.dtype) == (
+        "qwen2", 1e6, True, True, 64, "bfloat16")
+    ll = M.ModelArgs.from_hf_config(json.loads((shared / "models/llama-2-7b/config.json").read_text()))
+    assert (ll.num_key_value_heads, ll.rope_theta, ll.rope_scaling, ll.qkv_bias) == (32, 1e4, None, False)
+    new = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "dtype": "bfloat16",
+           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "dtype")} | {
+        "torch_dtype": "bfloat16", "rope_theta": 5e5,
+        "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}}
+    assert M.ModelArgs.from_hf_config(new) == M.ModelArgs.from_hf_config(old)
+    assert M.ModelArgs.from_hf_config(new).rope_scaling["factor"] == 8.0
+
+
+def packed_example():
+    """One packed row (docs of 7, 12, 5 tokens + 4 padding tokens as their own doc) and a second row."""
+    g = torch.Generator().manual_seed(1)
+    lens = [[7, 12, 5, 4], [20, 8]]
+    ids = torch.randint(0, V, (2, 28), generator=g)
+    doc_ids = torch.cat([torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lens]).view(2, 28)
+    return ids, doc_ids, lens
+
+
+def cpu_impls(requires_grad: bool):
+    return ["sdpa_mask", "per_doc"] + ([] if requires_grad else ["flex"])
+
+
+@pytest.mark.parametrize("impl", cpu_impls(requires_grad=False))
+def test_packed_row_equals_each_document_alone(hf_dirs, impl):
+    m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
+    ids, doc_ids, lens = packed_example()
+    with torch.no_grad():
+        packed = m(ids, doc_ids=doc_ids)
+        for b, row in enumerate(lens):
+            s = 0
+            for n in row:
+                alone = m(ids[b : b + 1, s : s + n])[0]
+                assert (packed[b, s : s + n] - alone).abs().max().item() <= 1e-5
+                s += n
+
+
+def test_packed_matches_transformers_position_ids_path(hf_dirs):
+    m, hf = M.Transformer.from_pretrained(hf_dirs["qwen2"]), load_hf(hf_dirs["qwen2"])
+    ids, doc_ids, _ = packed_example()
+    pos = M.positions_from_doc_ids(doc_ids)
+    assert pos[0, :9].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    with torch.no_grad():
+        theirs = torch.cat([hf(ids[b : b + 1], position_ids=pos[b : b + 1], use_cache=False).logits for b in range(2)])
+        assert (m(ids, doc_ids=doc_ids) - theirs).abs().max().item() <= 1e-4
+
+
+def test_packed_gradients_agree_across_impls_and_checkpointing(hf_dirs):
+    ids, doc_ids, _ = packed_example()
+    grads = {}
+    for impl, ckpt in [("sdpa_mask", False), ("per_doc", False), ("per_doc", True)]:
+        m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
+        m.set_activation_checkpointing(ckpt)
+        m(ids, doc_ids=doc_ids).logsumexp(-1).mean().backward()
+        grads[impl, ckpt] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    ref = grads["sdpa_mask", False]
+    for g in grads.values():
+        assert (g - ref).abs().max().item() <= 1e-5
+
+
+def test_return_hidden_then_lm_head_equals_logits(hf_dirs):
+    m = M.Transformer.from_pretrained(hf_dirs["qwen2"])
+    ids, doc_ids, _ = packed_example()
+    with torch.no_grad():
+        assert torch.equal(m.lm_head(m(ids, doc_ids=doc_ids, return_hidden=True)), m(ids, doc_ids=doc_ids))
+
+
+PROMPTS = [[5, 17, 33, 4, 90, 12], [7, 8], [100, 3, 3, 41, 9, 60, 11, 2 + 20, 1, 77, 64]]
+
+
+def greedy_full_recompute(m, prompt, n, eos):
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(m(torch.tensor([seq]))[0, -1].argmax())
+            if t in eos:
+                return out, "eos"
+            out.append(t)
+            seq.append(t)
+    return out, "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kv_cached_greedy_matches_recompute_and_transformers(hf_dirs, arch):
+    m, hf = M.Transformer.from_pretrained(hf_dirs[arch]), load_hf(hf_dirs[arch])
+    n = 12
+    # eos = the 5th greedy token of prompt 0, so at least one row stops on eos and the others keep going
+    eos = {greedy_full_recompute(m, PROMPTS[0], 5, set())[0][4]}
+    ref = [greedy_full_recompute(m, p, n, eos) for p in PROMPTS]
+    assert ref[0][1] == "eos"
+    batched = M.generate(m, PROMPTS, n, eos)
+    singles = [M.generate(m, [p], n, eos)[0] for p in PROMPTS]
+    for (toks, reason), b, s in zip(ref, batched, singles):
+        assert (b.tokens, b.finish_reason) == (toks, reason) == (s.tokens, s.finish_reason)
+    with torch.no_grad():
+        for p, (toks, reason) in zip(PROMPTS, ref):
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=n, eos_token_id=sorted(eos), pad_token_id=0)
+            assert out[0, len(p):].tolist() == toks + ([sorted(eos)[0]] if reason == "eos" else [])
+
+
+def test_generate_should_stop_sampling_and_top_p(hf_dirs):
+    m = M.Transformer.from_pretrained(hf_dirs["llama"])
+    greedy = M.generate(m, PROMPTS, 8, [])
+    assert all(o.finish_reason == "length" and len(o.tokens) == 8 for o in greedy)
+    stopped = M.generate(m, PROMPTS, 8, [], should_stop=lambda i, toks: i == 1 and len(toks) == 3)
+    assert stopped[1].tokens == greedy[1].tokens[:3] and stopped[1].finish_reason == "stop"
+    assert stopped[0].tokens == greedy[0].tokens
+    # top_p -> 0 keeps only the most likely token: sampling equals greedy
+    tiny_p = M.generate(m, PROMPTS, 8, [], temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert [o.tokens for o in tiny_p] == [o.tokens for o in greedy]
+    s1, s2, s3 = (M.generate(m, PROMPTS, 8, [], temperature=1.5, generator=torch.Generator().manual_seed(s))
+                  for s in (3, 3, 4))
+    assert [o.tokens for o in s1] == [o.tokens for o in s2] != [o.tokens for o in s3]
+
+
+def test_save_pretrained_roundtrip_through_transformers(hf_dirs, tmp_path):
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(2))
+    for arch in ["llama", "qwen2"]:
+        m = M.Transformer.from_pretrained(hf_dirs[arch])
+        m.save_pretrained(tmp_path / arch)
+        sharded = tmp_path / f"{arch}-sharded"
+        m.save_pretrained(sharded, max_shard_size="40KB")
+        assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and (sharded / M.INDEX_NAME).is_file()
+        with torch.no_grad():
+            ref = m(x)
+            for d in [tmp_path / arch, sharded]:
+                assert (load_hf(d)(x).logits - ref).abs().max().item() <= 1e-5
+                assert torch.equal(M.Transformer.from_pretrained(d)(x), ref)
+
+
+def test_meta_build_to_empty_then_load(hf_dirs):
+    args = M.ModelArgs.from_hf_config(json.loads((hf_dirs["qwen2"] / "config.json").read_text()))
+    m = M.Transformer.from_args(args, device="meta")
+    assert m.model.embed_tokens.weight.is_meta
+    m.to_empty(device="cpu")
+    m.reset_buffers()
+    m.load_hf_weights(hf_dirs["qwen2"])
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    x = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m(x), M.Transformer.from_pretrained(hf_dirs["qwen2"])(x))
+
+
+def test_clear_errors(hf_dirs, tmp_path):
+    cfg = json.loads((hf_dirs["llama"] / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*llama.*mistral.*qwen2"):
+        M.ModelArgs.from_hf_config(cfg | {"model_type": "gpt2"})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.Transformer.from_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(hf_dirs["llama"] / "model.safetensors")
+    bad = dict(sd) | {"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.mlp.up_proj.weight.*\(3, 3\)"):
+        M.Transformer.from_pretrained(tmp_path)
+    bad = {k: v for k, v in sd.items() if k != "model.norm.weight"} | {"extra.weight": torch.zeros(1)}
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"missing 1 \['model.norm.weight'\], unexpected 1 \['extra.weight'\]"):
+        M.Transformer.from_pretrained(tmp_path)
+
+
+def folder_digest(d):
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(d.iterdir()))).hexdigest()
+
+
+def test_make_tiny_loads_in_transformers_and_is_deterministic(tmp_path):
+    from transformers import AutoTokenizer
+
+    a = M.make_tiny(tmp_path / "a", arch="qwen2", seed=0)
+    b = M.make_tiny(tmp_path / "b", arch="qwen2", seed=0)
+    c = M.make_tiny(tmp_path / "c", arch="qwen2", seed=1)
+    assert folder_digest(a) == folder_digest(b)
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    tok = AutoTokenizer.from_pretrained(a)
+    ids = tok("What is 123 + 45?").input_ids
+    assert tok.decode(ids) == "What is 123 + 45?"
+    assert [tok.decode([i]) for i in tok("2024").input_ids] == ["2", "0", "2", "4"]
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                               add_generation_prompt=True)
+    hf, ours = load_hf(a), M.Transformer.from_pretrained(a)
+    assert ours.args.vocab_size >= len(tok) and ours.args.tie_word_embeddings
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_make_tiny_cli_with_a_copied_tokenizer(shared, tmp_path):
+    from transformers import AutoTokenizer
+
+    M.main(["make-tiny", "--out", str(tmp_path), "--arch", "mistral", "--tokenizer",
+            str(shared / "models/gpt2"), "--hidden", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1"])
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    m = M.Transformer.from_pretrained(tmp_path)
+    assert m.args.model_type == "mistral" and m.args.vocab_size >= len(tok) and m.args.num_hidden_layers == 1
+    assert m.generation_config["eos_token_id"] == tok.eos_token_id
