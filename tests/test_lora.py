@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,33 +14,54 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import lora
+import model as M
 from lora import LoraConfig, LoRALinear
 
-VOCAB = 96
+VOCAB = 96  # token ids drawn below this; every base model here has a vocabulary at least this large
+SIZES = dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
 
 
-def _hf_tiny(out_dir, arch: str, seed: int):
-    """Stand-in for model.make_tiny until model.py lands: a tiny transformers model saved in HF format."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+@dataclass
+class Base:
+    """A tiny base model saved in HF format, and how to build it (loaded, or on meta) in the model class."""
 
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw)))
-    model.save_pretrained(out_dir)
+    dir: Path
+    kind: str  # "ours" (model.Transformer) | "hf" (a transformers model: lora.py is generic over nn.Module)
+
+    def load(self, path=None):
+        if self.kind == "ours":
+            return M.Transformer.from_pretrained(path or self.dir).eval()
+        return _load_hf(path or self.dir)
+
+    def on_meta(self):
+        if self.kind == "ours":
+            args = M.ModelArgs.from_hf_config(json.loads((self.dir / "config.json").read_text()))
+            return M.Transformer.from_args(args, device="meta")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.dir))
 
 
-def _load_base(path):
+def _load_hf(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def base_dir(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"base_{request.param}")
-    _hf_tiny(out, request.param, seed=0)
-    return out
+@pytest.fixture(scope="module", params=["ours-llama", "ours-qwen2", "hf-llama"])
+def base(request, tmp_path_factory):
+    kind, arch = request.param.split("-")
+    out = tmp_path_factory.mktemp(request.param)
+    if kind == "ours":  # our model.py writes it with Transformer.save_pretrained (qwen2: tied, qkv bias)
+        M.make_tiny(out, arch=arch, seed=0, **SIZES)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    return Base(out, kind)
 
 
 def logits(model, ids):
@@ -58,8 +81,8 @@ IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)
 CFG = LoraConfig(r=4, alpha=8)
 
 
-def test_fresh_adapter_is_identity_and_only_adapters_train(base_dir):
-    model = _load_base(base_dir)
+def test_fresh_adapter_is_identity_and_only_adapters_train(base):
+    model = base.load()
     with torch.no_grad():
         ref = logits(model, IDS)
     names = lora.inject_lora(model, CFG)
@@ -84,8 +107,8 @@ def test_fresh_adapter_is_identity_and_only_adapters_train(base_dir):
     assert changed == {k for k in before if ".lora_" in k}  # every adapter moved, nothing else did
 
 
-def test_merge_unmerge_and_merge_and_unload(base_dir):
-    model = _load_base(base_dir)
+def test_merge_unmerge_and_merge_and_unload(base):
+    model = base.load()
     lora.inject_lora(model, CFG)
     randomize_adapters(model)
     base_w = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
@@ -113,30 +136,30 @@ def test_merge_unmerge_and_merge_and_unload(base_dir):
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=0)
 
 
-def test_save_load_roundtrip_exact(base_dir, tmp_path):
-    model = _load_base(base_dir)
+def test_save_load_roundtrip_exact(base, tmp_path):
+    model = base.load()
     lora.inject_lora(model, CFG)
     randomize_adapters(model)
     with torch.no_grad():
         adapted = logits(model, IDS)
-    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base_dir))
+    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base))
 
     cfg, base_name = lora.read_adapter_config(tmp_path)
-    assert (cfg.r, cfg.alpha, cfg.dropout, base_name) == (CFG.r, CFG.alpha, CFG.dropout, str(base_dir))
-    fresh = lora.load_adapter(_load_base(base_dir), tmp_path)
+    assert (cfg.r, cfg.alpha, cfg.dropout, base_name) == (CFG.r, CFG.alpha, CFG.dropout, str(base))
+    fresh = lora.load_adapter(base.load(), tmp_path)
     with torch.no_grad():
         assert torch.equal(logits(fresh, IDS), adapted)
 
     # keys with the live PEFT adapter name (`.default.`) load too
     sd = load_file(str(tmp_path / lora.ADAPTER_WEIGHTS))
     save_file({lora.peft_param_name(k): v for k, v in sd.items()}, str(tmp_path / lora.ADAPTER_WEIGHTS))
-    again = lora.load_adapter(_load_base(base_dir), tmp_path)
+    again = lora.load_adapter(base.load(), tmp_path)
     with torch.no_grad():
         assert torch.equal(logits(again, IDS), adapted)
 
 
-def test_save_from_gathered_state_dict_and_peft071_files(base_dir, tmp_path):
-    model = _load_base(base_dir)
+def test_save_from_gathered_state_dict_and_peft071_files(base, tmp_path):
+    model = base.load()
     lora.inject_lora(model, CFG)
     randomize_adapters(model)
     # what sft.py passes under FSDP2: adapter-only state dict keyed by our FQNs
@@ -164,8 +187,8 @@ def test_save_from_gathered_state_dict_and_peft071_files(base_dir, tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
 
 
-def test_rslora_key_written_only_when_set(base_dir, tmp_path):
-    model = _load_base(base_dir)
+def test_rslora_key_written_only_when_set(base, tmp_path):
+    model = base.load()
     cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), use_rslora=True)
     lora.inject_lora(model, cfg)
     assert lora.lora_modules(model)["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / 2)
@@ -175,16 +198,17 @@ def test_rslora_key_written_only_when_set(base_dir, tmp_path):
     assert lora.read_adapter_config(tmp_path)[0].use_rslora
 
 
-def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path):
+def test_peft_loads_our_adapter_with_same_logits(base, tmp_path):
+    """Base written by our save_pretrained, loaded by transformers; our adapter loaded by peft."""
     peft = pytest.importorskip("peft")
-    model = _load_base(base_dir)
+    model = base.load()
     lora.inject_lora(model, CFG)
     randomize_adapters(model)
     with torch.no_grad():
         ours = logits(model, IDS)
-    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base_dir))
+    lora.save_adapter(model, CFG, tmp_path, base_model_name_or_path=str(base.dir))
 
-    theirs_model = peft.PeftModel.from_pretrained(_load_base(base_dir), str(tmp_path)).eval()
+    theirs_model = peft.PeftModel.from_pretrained(_load_hf(base.dir), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits(theirs_model, IDS), ours, atol=1e-5, rtol=0)
     # LESS keys optimizer.bin by the live PeftModel names: peft_param_name must produce exactly those
@@ -192,14 +216,15 @@ def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path):
     ours_names = [lora.peft_param_name(n) for n, _ in model.named_parameters() if "lora_" in n]
     assert ours_names == peft_names
 
-    merged_dir = tmp_path / "merged"
+    merged_dir = tmp_path / "merged"  # merged export in HF format: same logits in transformers and in ours
     lora.merge_and_unload(model).save_pretrained(merged_dir)
     with torch.no_grad():
-        torch.testing.assert_close(logits(_load_base(merged_dir), IDS), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(_load_hf(merged_dir), IDS), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(base.load(merged_dir), IDS), ours, atol=1e-5, rtol=0)
 
 
-def test_bf16_base_fp32_adapters(base_dir):
-    model = _load_base(base_dir)
+def test_bf16_base_fp32_adapters(base):
+    model = base.load()
     lora.inject_lora(model, CFG)
     randomize_adapters(model)
     with torch.no_grad():
@@ -219,14 +244,11 @@ def test_bf16_base_fp32_adapters(base_dir):
     assert q.weight.grad is None
 
 
-def test_meta_inject_then_reset_is_seeded_and_order_free(base_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base_dir)
+def test_meta_inject_then_reset_is_seeded_and_order_free(base):
+    """sft.py's order: build on meta, inject, to_empty, load base weights, reset the adapters (seeded)."""
     models = []
     for _ in range(2):
-        with torch.device("meta"):
-            m = AutoModelForCausalLM.from_config(config)
+        m = base.on_meta()
         lora.inject_lora(m, CFG, dtype=torch.float32)
         assert lora.lora_modules(m)["model.layers.0.self_attn.q_proj"].lora_A.weight.is_meta
         m.to_empty(device="cpu")
@@ -245,9 +267,16 @@ def test_meta_inject_then_reset_is_seeded_and_order_free(base_dir):
     lora.reset_lora_parameters(models[1], seed=4)
     assert not torch.equal(a1["model.layers.0.self_attn.q_proj"].lora_A.weight, q.lora_A.weight)
 
+    if base.kind == "ours":  # base weights load around the adapters; fresh adapters leave the base logits
+        m = models[0]
+        m.reset_buffers()
+        m.load_hf_weights(base.dir)
+        with torch.no_grad():
+            assert torch.equal(logits(m.eval(), IDS), logits(base.load(), IDS))
 
-def test_errors(base_dir, tmp_path):
-    model = _load_base(base_dir)
+
+def test_errors(base, tmp_path):
+    model = base.load()
     with pytest.raises(ValueError, match=r"matched no nn.Linear.*q_proj"):
         lora.inject_lora(model, LoraConfig(target_modules=("qkv", "c_attn")))
     with pytest.raises(ValueError, match="embedding"):
@@ -257,14 +286,14 @@ def test_errors(base_dir, tmp_path):
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.inject_lora(model, CFG)
     lora.save_adapter(model, CFG, tmp_path / "r4", base_model_name_or_path="base")
-    other = _load_base(base_dir)
+    other = base.load()
     lora.inject_lora(other, LoraConfig(r=8, alpha=16))  # same scaling, other rank
     with pytest.raises(ValueError, match=r"shape mismatches.*lora_A.weight: file \(4, 32\) vs model \(8, 32\)"):
         lora.load_adapter(other, tmp_path / "r4")
     with pytest.raises(ValueError, match="rank 4 but LoraConfig.r=8"):
         lora.save_adapter(model, LoraConfig(r=8), tmp_path / "bad", base_model_name_or_path="base")
 
-    qv = _load_base(base_dir)
+    qv = base.load()
     lora.inject_lora(qv, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
     with pytest.raises(ValueError, match=r"missing"):
         lora.load_adapter(qv, tmp_path / "r4")  # the file has k/o/mlp adapters this model lacks
