@@ -185,13 +185,12 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     if boxes:
         contents = list(dict.fromkeys(c.strip() for _, _, c in reversed(boxes)))
         ans, method = ", ".join(contents), "boxed"
-    if ans is None:
-        hits = list(_ANSWER_IS.finditer(text))
-        if hits:
-            tail = _HOPE.split(text[hits[-1].end():])[0]
-            cand = _reduce_prose(_sentence(tail))
-            if cand.strip():
-                ans, method = cand, "answer_is"
+    hits = list(_ANSWER_IS.finditer(text))
+    if hits and (ans is None or hits[-1].start() > boxes[0][1]):
+        cand = _reduce_prose(_sentence(_HOPE.split(text[hits[-1].end():])[0]))
+        later = ans is not None and len(_PROSE_WORD.findall(_MATH_ENV.sub(" ", cand))) == 0
+        if cand.strip() and (ans is None or later):
+            ans, method = cand, "answer_is"
     if ans is None:
         hits = list(_HASHES.finditer(text))
         if hits:
@@ -282,7 +281,7 @@ def normalize_answer(s: str) -> str:
         if not m or _brace_group(s, s.index("{")) != len(s):
             break
         s = m.group(1).strip()
-    s = re.sub(r"(\d)\s*\{,\}\s*(?=\d)", r"\1", s)  # 14{,}916
+    s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d)", r"\1", s)  # 14{,}916
     s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
     s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b", "", s)
     s = re.sub(r"\\q?quad|\\[,;: ]|~", " ", s)
@@ -610,7 +609,7 @@ class _Parser:
             self.expect(")")
         else:  # \sin 2x: the following product, up to the next function or operator
             a = self.power()
-            while self.starts_atom(self.peek()) and not (self.peek()[1][1:] in _FUNCS):
+            while self.starts_atom(self.peek()) and self.peek()[1][1:] not in _FUNCS:
                 a = a * self.power()
         f = _FUNCS[name](a) if base is None else sp.log(a, base)
         return f if power is None else _pow(f, power)
@@ -814,6 +813,8 @@ def _num(e, env: dict) -> complex | None:
 def _expr_equal(a, b, deadline: float) -> bool:
     if a == b:
         return True
+    if a.is_Integer and b.is_Integer:  # integers are exact; the tolerance is for approximations
+        return False
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if len(syms) > len(_SAMPLE_POINTS[0]) * 2:
         return False
@@ -959,7 +960,7 @@ def _match_lists(ps: list, gs: list, deadline: float) -> bool:
 def _match_rel(p, g, deadline: float) -> bool:
     if g[0] == "rel" and p[0] == "rel":
         if g[2] == ["="] * len(g[2]) and p[2] == ["="] * len(p[2]):
-            (gl, gv), (pl, pv) = g[1][0], p[1][0]
+            gl, pl = g[1][0][0], p[1][0][0]
             if _is_name(gl) and _is_name(pl):
                 return _key(gl) == _key(pl) and _match(p[1][-1][1], g[1][-1][1], deadline)
             return _equations_equal(p, g, deadline)
@@ -1011,14 +1012,14 @@ def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
         return True, None
     pn, gn = _plain_number(p), _plain_number(g)
     if pn is not None and gn is not None:
+        if re.fullmatch(r"[-+]?[\d,]+", p) and re.fullmatch(r"[-+]?[\d,]+", g):  # integers are exact
+            return pn == gn, "wrong"
         return _close(complex(pn), complex(gn)), "wrong"
     if max(len(p), len(g)) > MAX_ANSWER_CHARS:
         return False, "wrong"
     deadline = time.monotonic() + TIME_BUDGET_S
     try:
-        gv = _value(g, deadline)
-        pv = _value(p, deadline)
-        return _match(pv, gv, deadline), "wrong"
+        return _match(_value(p, deadline), _value(g, deadline), deadline), "wrong"
     except _Timeout:
         return False, "timeout"
     except (_Refused, RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
