@@ -434,6 +434,8 @@ def _worker_encode(args) -> list[list[int]]:
 
 def _encode(texts: list[str], tokenizer, add_special: bool, num_proc: int, tokenizer_path) -> list:
     """Batch-encode with the fast tokenizer; num_proc > 1 spreads chunks over processes."""
+    if not texts:
+        return []
     if num_proc <= 1 or len(texts) < 2000:
         return tokenizer(texts, add_special_tokens=add_special, return_attention_mask=False)["input_ids"]
     import multiprocessing as mp
