@@ -75,7 +75,8 @@ _ANSWER_LINE = re.compile(r"^[ \t>*#]*(?:final\s+)?answer\s*[:：][ \t*]*(.*)$",
 _MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<!\\)\$(.+?)(?<!\\)\$", re.S)
 _NUMBER = re.compile(r"(?<![A-Za-z0-9.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d])%?"
                      r"|(?<![A-Za-z0-9])-?\.\d+")
-_GSM_NUMBER = re.compile(r"(?<![A-Za-z0-9])-?(?:\d{1,3}(?:(?:,| (?=\d{3}(?!\d)))\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
+_GSM_NUMBER = re.compile(r"(?<![A-Za-z0-9])-?(?:\d{1,3}(?:(?:,| (?=\d{3}(?!\d)))\d{3})+|\d+)(?:\.\d+)?"
+                         r"(?:[eE][-+]?\d+(?![\d.]))?|(?<![\w.])-?\.\d+")
 _PROSE_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _IS_SPLIT = re.compile(r"\s(?:is|are|was|equals|be|of)\s", re.I)
 
@@ -86,7 +87,7 @@ def _clean(text: str) -> str:
         text = "" if text is None else str(text)
     if len(text) > MAX_RESPONSE_CHARS:
         text = text[-MAX_RESPONSE_CHARS:]
-    return text.encode("utf-8", "replace").decode("utf-8")
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\u2212", "-")
 
 
 def cut_continuation(response: str) -> str:
@@ -95,9 +96,9 @@ def cut_continuation(response: str) -> str:
     return response[: m.start()] if m and response[: m.start()].strip() else response
 
 
-def _brace_group(text: str, start: int) -> int:
-    """Index just past the brace group opening at text[start] == '{', or -1 if unbalanced."""
-    depth, i, n = 0, start, len(text)
+def _brace_group(text: str, start: int, limit: int = 4 * MAX_ANSWER_CHARS) -> int:
+    """Index just past the brace group opening at text[start] == '{', or -1 if unbalanced within limit."""
+    depth, i, n = 0, start, min(len(text), start + limit)
     while i < n:
         c = text[i]
         if c == "\\":
@@ -154,7 +155,7 @@ def _reduce_prose(ans: str) -> str:
 
 def _sentence(tail: str) -> str:
     """The answer at the start of `tail`: a leading math environment, else up to the sentence end."""
-    tail = tail.lstrip()
+    tail = tail.lstrip()[:2 * MAX_ANSWER_CHARS]
     m = _MATH_ENV.match(tail)
     if m and not re.match(r"[ \t]*[\w\\{(]", tail[m.end():]):
         return next(g for g in m.groups() if g is not None)
@@ -163,7 +164,9 @@ def _sentence(tail: str) -> str:
 
 
 def _last_candidate(text: str) -> str | None:
-    """The math environment or bare number that ends last in text."""
+    """The math environment or bare number that ends last in text (only its tail is searched, which also
+    bounds the regex work on adversarial text)."""
+    text = text[-2 * MAX_ANSWER_CHARS:]
     envs = list(_MATH_ENV.finditer(text))
     env = envs[-1] if envs else None
     blanked = _MATH_ENV.sub(lambda m: " " * len(m.group(0)), text)
@@ -211,16 +214,16 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
             nums = _GSM_NUMBER.findall(text)
             ans, method = (nums[-1], "last_number") if nums else (None, "")
         elif len(text) <= 80 and "\n" not in text.strip() and not _MATH_ENV.search(text) \
-                and len(_PROSE_WORD.findall(text)) < 3:
+                and (len(_PROSE_WORD.findall(text)) < 3 if re.search(r"[\d\\]", text) else " " not in text.strip()):
             ans, method = text, "whole"
         else:
             ans, method = _last_candidate(text), "last_candidate"
     if ans is None or not ans.strip():
         return None, "no_answer"
     ans = ans.strip()
-    if gsm and _plain_number(normalize_answer(ans)) is None:
-        nums = _GSM_NUMBER.findall(_MATH_ENV.sub(lambda m: next(g for g in m.groups() if g), ans))
-        if nums:
+    if gsm and _plain_number(ans) is None:  # "18 apples", "$18": keep the number
+        nums = _GSM_NUMBER.findall(ans)
+        if nums and not re.search(r"[\d^!+*/=()<>]", _GSM_NUMBER.sub(" ", ans)):
             ans = nums[-1]
     return ans, method
 
@@ -274,6 +277,8 @@ def _words_to_number(s: str) -> str:
 def normalize_answer(s: str) -> str:
     """Answer string -> canonical LaTeX-ish string (for cheap exact checks and the parser)."""
     s = _clean(s).strip()
+    if len(s) > MAX_ANSWER_CHARS:  # compared as a string only; skip the regex work
+        return re.sub(r"\s+", " ", s)
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
     while True:  # unwrap \boxed{...} around the whole answer
@@ -284,7 +289,7 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d)", r"\1", s)  # 14{,}916
     s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
     s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b", "", s)
-    s = re.sub(r"\\q?quad|\\[,;: ]|~", " ", s)
+    s = re.sub(r"\\q?quad|(?<!\\)\\[,;: ]|~", " ", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\\$|\$|\\[()\[\]]", " ", s)
@@ -416,14 +421,13 @@ class _Parser:
 
     def expr(self):
         self.enter()
-        node = self.term()
+        terms = [self.term()]  # sympy Add/Mul built once: folding one by one is quadratic
         while self.peek()[1] in ("+", "-"):
             op = self.toks[self.i][1]
             self.i += 1
-            rhs = self.term()
-            node = node + rhs if op == "+" else node - rhs
+            terms.append(self.term() if op == "+" else -self.term())
         self.depth -= 1
-        return node
+        return sp.Add(*terms)
 
     def starts_atom(self, t: tuple[str, str]) -> bool:
         kind, val = t
@@ -434,19 +438,19 @@ class _Parser:
         return kind == "cmd" and val[1:] in _ATOM_CMDS
 
     def term(self):
-        node = self.unary()
+        factors = [self.unary()]
         while True:
             val = self.peek()[1]
             if val in ("*", r"\cdot", r"\times"):
                 self.i += 1
-                node = node * self.unary()
+                factors.append(self.unary())
             elif val in ("/", r"\div"):
                 self.i += 1
-                node = node / self.unary()
+                factors = [sp.Mul(*factors) / self.unary()]
             elif self.starts_atom(self.peek()):
-                node = node * self.power()
+                factors.append(self.power())
             else:
-                return node
+                return sp.Mul(*factors)
 
     def unary(self):
         self.enter()
@@ -838,6 +842,8 @@ def _expr_equal(a, b, deadline: float) -> bool:
 
 def _exact_zero(d) -> bool:
     """Huge exact numbers overflow floats: compare them with sympy's own bounded arithmetic."""
+    if d.has(sp.Sum, sp.Product, sp.Function):
+        return False
     try:
         return bool(d == 0) or (d.is_number and abs(d.evalf(30)) < 1e-12)
     except (TypeError, ValueError):
