@@ -303,3 +303,49 @@ def test_errors(base, tmp_path):
         lora.read_adapter_config(tmp_path / "r4")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         lora.read_adapter_config(tmp_path)
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, base_dir: str, out_file: str):
+    """One gloo rank: meta model -> inject -> fully_shard per block -> to_empty -> seeded adapter init ->
+    gather the adapter-only full state dict on rank 0 (what sft.py does before save_adapter)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        args = M.ModelArgs.from_hf_config(json.loads((Path(base_dir) / "config.json").read_text()))
+        model = M.Transformer.from_args(args, device="meta")
+        lora.inject_lora(model, LoraConfig(r=3, alpha=6))  # r=3: uneven shards of lora_A over 2 ranks
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        model.to_empty(device="cpu")
+        lora.reset_lora_parameters(model, seed=7)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
+        if rank == 0:
+            torch.save(sd, out_file)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_reset_under_fsdp2_matches_single_process(tmp_path):
+    """reset_lora_parameters on FSDP2-sharded (DTensor) adapters gives the same init as unsharded."""
+    import torch.multiprocessing as mp
+
+    base_dir = M.make_tiny(tmp_path / "base", arch="llama", seed=0, **SIZES)
+    out_file = tmp_path / "sd.pt"
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "pg"), str(base_dir), str(out_file)), nprocs=2)
+    gathered = torch.load(out_file)
+
+    single = M.Transformer.from_pretrained(base_dir)
+    lora.inject_lora(single, LoraConfig(r=3, alpha=6))
+    lora.reset_lora_parameters(single, seed=7)
+    expected = {k: v for k, v in single.state_dict().items() if ".lora_" in k}
+    assert gathered.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(gathered[k], expected[k]), k
+    lora.save_adapter(gathered, LoraConfig(r=3, alpha=6), tmp_path / "adapter", base_model_name_or_path="base")
