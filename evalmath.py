@@ -454,6 +454,7 @@ class Generation:
     text: str  # decoded (special tokens kept) and cut at the first stop string
     n_tokens: int  # generated tokens, stopping EOS excluded
     finish_reason: str  # eos | stop | length
+    tokens: list[int] = dataclasses.field(default_factory=list, repr=False)  # the generated ids
 
 
 def cut_at_stops(text: str, stop_strings: tuple[str, ...] | list[str]) -> tuple[str, bool]:
@@ -496,7 +497,7 @@ def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, b
         for i, g in zip(idx, gens):
             text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
             reason = "stop" if stopped else g.finish_reason
-            out[i] = Generation(text, len(g.tokens), reason)
+            out[i] = Generation(text, len(g.tokens), reason, g.tokens)
         if progress:
             done = min(start + batch_size, len(order))
             print(f"  decoded {done}/{len(order)} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -654,10 +655,11 @@ def versions() -> dict:
     return out
 
 
-def make_run_id(model: str, protocol: Protocol, stamp: str) -> str:
+def make_run_id(model: str, dataset: str, protocol: Protocol, stamp: str) -> str:
+    """<model>-<dataset>-<protocol without its dataset prefix>-<YYYYmmdd-HHMMSS>, filename-safe."""
     p = Path(model)
     name = f"{p.parent.name}-{p.name}" if p.name.startswith("checkpoint-") else p.name
-    raw = f"{name}-{protocol.name.replace('@', '_')}-{stamp}"
+    raw = f"{name}-{dataset}-{protocol.name.split('-', 1)[1].replace('@', '_')}-{stamp}"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in raw)
 
 
@@ -688,7 +690,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
-    run_id = cfg.run_id or make_run_id(cfg.model, protocol, extra.pop("stamp"))
+    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, extra.pop("stamp"))
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size")}
@@ -761,48 +763,21 @@ def run(cfg: EvalConfig) -> list[Path]:
 
 # ----------------------------------------------------------------------------- 8. CLI: subcommands
 
-def _read_jsonl(path: str) -> list[tuple[int, dict]]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except ValueError as e:
-                        raise SystemExit(f"error: {path}:{i}: malformed JSON ({e})") from e
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --input {path}: file not found") from e
-    return rows
-
-
-def grade_file(input_path: str, output_path: str) -> dict:
-    """Re-grade `{"id", "dataset", "response", "gold"}` rows into `{"id", "correct", "extracted", "error_type"}`."""
-    out = []
-    for line, row in _read_jsonl(input_path):
-        missing = [k for k in ("id", "dataset", "response", "gold") if k not in row]
-        if missing:
-            raise SystemExit(f"error: {input_path}:{line}: missing field(s) {missing}; each row needs "
-                             '{"id", "dataset": "gsm8k"|"math", "response", "gold"}')
-        ds = "math" if row["dataset"] == "math500" else row["dataset"]
-        if ds not in GRADER_DATASETS:
-            raise SystemExit(f"error: {input_path}:{line}: dataset {row['dataset']!r}; expected gsm8k or math")
-        v = grade_response(str(row["response"]), str(row["gold"]), ds, bool(row.get("truncated", False)))
-        out.append({"id": row["id"], **v})
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as f:
-        for r in out:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return reports.summarize([dict(r, n_tokens=0) for r in out]) if out else {"n": 0}
-
-
 def cmd_grade(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py grade", description="Re-grade responses without a model.")
     ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"}')
     ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"}')
     a = ap.parse_args(argv)
-    s = grade_file(a.input, a.output)
-    print(f"graded {s['n']} rows: accuracy {100 * s.get('accuracy', 0):.2f} -> {a.output}")
+    import grader
+
+    if not Path(a.input).is_file():
+        raise SystemExit(f"error: --input {a.input}: file not found")
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        s = grader.grade_file(a.input, a.output)  # grader.grade per row: the same function as evaluation
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"graded {s['n']} rows: accuracy {100 * s['accuracy']:.2f} -> {a.output}")
 
 
 def cmd_report(argv: list[str]) -> None:
