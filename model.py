@@ -16,15 +16,19 @@ RoPE uses the HF `rotate_half` convention, so q/k weights are loaded as they are
 Packed rows: `doc_ids` [B, T] marks documents (maximal runs of equal ids). Attention is causal inside a
 document and never crosses one. `attn_impl` chooses the mechanism (constructor argument, or
 `model.attn_impl = ...` at any time):
-  - "sdpa_mask": one SDPA call with a boolean block-diagonal causal mask [B, 1, T, T]. Simple; computes every
-    score of the T x T square.
-  - "per_doc":   gather each document into its own row of a [N_docs, H, L_max, D] batch (right-padded), run
-    causal SDPA once (flash-style kernel, no mask), scatter back. Right padding is never attended by real
-    tokens under the causal mask, so no mask is needed. Cost ~ N_docs * L_max^2 / 2 instead of T^2.
-  - "flex":      torch.nn.attention.flex_attention with a document block mask (compiled once on CUDA with
-    dynamic=False; eager on CPU, where it is inference only: no backward on CPU in torch 2.13).
-  - "auto":      per_doc (measured fastest on CPU, see docs/benchmarks.md "Model forward/backward" and
-    scripts/bench_model.py; on CUDA also per_doc until measured there).
+  - "sdpa_mask":      one SDPA call with a boolean block-diagonal causal mask [B, 1, T, T]. Simple; computes every
+                      score of the T x T square (and SDPA's masked CPU kernel is slow).
+  - "per_doc":        split each row at document boundaries and run plain causal SDPA (is_causal=True, the fast
+                      flash-style kernel) once per document, then concatenate. No padding, no mask; one small
+                      SDPA call per document, so best where a call is cheap (CPU).
+  - "per_doc_padded": gather the documents into one right-padded [N_docs, H, L_max, D] batch, one causal SDPA call,
+                      scatter back. Right padding is never attended by real tokens under the causal mask. One
+                      kernel launch per layer (meant for CUDA); costs L_max padding and two copies.
+  - "flex":           flex_attention with a document block mask (compiled once on CUDA with dynamic=False; eager on
+                      CPU, where it is inference only: no backward on CPU in torch 2.13).
+  - "auto":           "per_doc" on CPU (measured: fwd+bwd attention at T=2048 with ~220-token docs is ~7x faster
+                      than "sdpa_mask", ~1.5x at T=512; see scripts/bench_model.py), "per_doc_padded" on CUDA (not
+                      measured yet: run scripts/bench_model.py --device cuda).
 Without doc_ids the model runs plain causal SDPA (`is_causal=True`), whatever attn_impl says.
 
 CLI:  python model.py make-tiny --out DIR --arch llama|qwen2|mistral [--tokenizer DIR] [--seed 0] [--hidden 64 ...]
@@ -46,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 # model_type -> HF architecture class name. The only types this decoder implements.
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-ATTN_IMPLS = ("auto", "sdpa_mask", "per_doc", "flex")
+ATTN_IMPLS = ("auto", "sdpa_mask", "per_doc", "per_doc_padded", "flex")
 CONFIG_NAME, INDEX_NAME, SINGLE_WEIGHTS_NAME = "config.json", "model.safetensors.index.json", "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -346,7 +350,9 @@ class Transformer(nn.Module):
         return h if return_hidden else self.lm_head(h)
 
     def resolved_attn_impl(self, device: torch.device) -> str:
-        return "per_doc" if self.attn_impl == "auto" else self.attn_impl
+        if self.attn_impl != "auto":
+            return self.attn_impl
+        return "per_doc_padded" if device.type == "cuda" else "per_doc"
 
     # ---- HF I/O (section 4) ----
     @classmethod
@@ -455,10 +461,11 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AttnPlan:
-    kind: str  # "causal" | "mask" | "per_doc" | "flex"
+    kind: str  # "causal" | "mask" | "per_doc" | "per_doc_padded" | "flex"
     mask: torch.Tensor | None = None  # "mask": bool [B, 1, T, S], True = attend
-    gather: torch.Tensor | None = None  # "per_doc": [N, L] indices into the flattened B*T tokens
-    scatter: torch.Tensor | None = None  # "per_doc": [B*T] indices into the flattened N*L document slots
+    doc_lens: list[list[int]] | None = None  # "per_doc": document lengths of each row
+    gather: torch.Tensor | None = None  # "per_doc_padded": [N, L] indices into the flattened B*T tokens
+    scatter: torch.Tensor | None = None  # "per_doc_padded": [B*T] indices into the flattened N*L document slots
     block_mask: object = None  # "flex": a BlockMask
 
 
@@ -479,7 +486,10 @@ def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask, cache) -> AttnP
         mask = (seg[:, :, None] == seg[:, None, :]) & (i[:, None] >= i[None, :])
         return AttnPlan("mask", mask=mask[:, None])
     if impl == "per_doc":
-        return per_doc_plan(seg)
+        seg = seg.cpu()  # one host sync per forward
+        return AttnPlan("per_doc", doc_lens=[torch.unique_consecutive(r, return_counts=True)[1].tolist() for r in seg])
+    if impl == "per_doc_padded":
+        return padded_docs_plan(seg)
     if impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -498,7 +508,7 @@ def segment_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return start.flatten().long().cumsum(0).view_as(doc_ids) - 1
 
 
-def per_doc_plan(seg: torch.Tensor) -> AttnPlan:
+def padded_docs_plan(seg: torch.Tensor) -> AttnPlan:
     """Index maps between the packed B*T tokens and a right-padded [N_docs, L_max] batch of documents."""
     flat = seg.flatten()
     lengths = torch.bincount(flat)
@@ -508,7 +518,7 @@ def per_doc_plan(seg: torch.Tensor) -> AttnPlan:
     gather = (starts[:, None] + slot[None, :]).clamp(max=flat.numel() - 1)  # padding slots read any valid token
     scatter = flat * L + (torch.arange(flat.numel(), device=seg.device) - starts[flat])
     assert gather.shape == (n, L)
-    return AttnPlan("per_doc", gather=gather, scatter=scatter)
+    return AttnPlan("per_doc_padded", gather=gather, scatter=scatter)
 
 
 _compiled_flex = None
@@ -533,6 +543,13 @@ def attend(q, k, v, plan: AttnPlan) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=True)
     if plan.kind == "flex":
         return _flex(q, k, v, plan.block_mask)
+    if plan.kind == "per_doc":  # split (not slicing: one cheap SplitBackward) -> causal SDPA per document -> cat
+        rows = []
+        for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), plan.doc_lens):
+            docs = zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1))
+            rows.append(torch.cat([F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True,
+                                                                  enable_gqa=True)[0] for a, b, c in docs], dim=1))
+        return torch.stack(rows)
     B, H, T, D = q.shape
     n, L = plan.gather.shape
 

@@ -97,7 +97,7 @@ def packed_example():
 
 
 def cpu_impls(requires_grad: bool):
-    return ["sdpa_mask", "per_doc"] + ([] if requires_grad else ["flex"])
+    return ["sdpa_mask", "per_doc", "per_doc_padded"] + ([] if requires_grad else ["flex"])
 
 
 @pytest.mark.parametrize("impl", cpu_impls(requires_grad=False))
@@ -127,7 +127,7 @@ def test_packed_matches_transformers_position_ids_path(hf_dirs):
 def test_packed_gradients_agree_across_impls_and_checkpointing(hf_dirs):
     ids, doc_ids, _ = packed_example()
     grads = {}
-    for impl, ckpt in [("sdpa_mask", False), ("per_doc", False), ("per_doc", True)]:
+    for impl, ckpt in [(i, False) for i in cpu_impls(requires_grad=True)] + [("per_doc", True)]:
         m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
         m.set_activation_checkpointing(ckpt)
         m(ids, doc_ids=doc_ids).logsumexp(-1).mean().backward()
