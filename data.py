@@ -427,55 +427,54 @@ def _worker_init(tokenizer_path: str) -> None:
     _WORKER_TOK = load_tokenizer(tokenizer_path)
 
 
-def _worker_encode(args) -> list[list[int]]:
-    texts, add_special = args
-    return _WORKER_TOK(texts, add_special_tokens=add_special, return_attention_mask=False)["input_ids"]
+def _worker_encode(args) -> list[tuple[np.ndarray, np.ndarray]]:
+    return _encode_batch(_WORKER_TOK, *args)
+
+
+def _encode_batch(tokenizer, texts: list[str], add_special: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, start character of each token) per text, from the Rust tokenizer in one call."""
+    encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special)
+    return [(np.asarray(e.ids, dtype=np.uint32), np.asarray([o[0] for o in e.offsets], dtype=np.int64))
+            for e in encs]
 
 
 def _encode(texts: list[str], tokenizer, add_special: bool, num_proc: int, tokenizer_path) -> list:
-    """Batch-encode with the fast tokenizer; num_proc > 1 spreads chunks over processes."""
-    if not texts:
-        return []
+    """Batch-encode with the fast tokenizer (Rust threads); num_proc > 1 adds processes on top."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{tokenizer.name_or_path}: a fast tokenizer (tokenizer.json or vocab/merges) is "
+                        "needed for offsets-based loss masks")
     if num_proc <= 1 or len(texts) < 2000:
-        return tokenizer(texts, add_special_tokens=add_special, return_attention_mask=False)["input_ids"]
+        return _encode_batch(tokenizer, texts, add_special)
     import multiprocessing as mp
-    chunks = [texts[i:i + 1000] for i in range(0, len(texts), 1000)]
+    size = -(-len(texts) // num_proc)
+    chunks = [(texts[i:i + size], add_special) for i in range(0, len(texts), size)]
     with mp.get_context("spawn").Pool(num_proc, _worker_init, (str(tokenizer_path),)) as pool:
-        parts = pool.map(_worker_encode, [(c, add_special) for c in chunks])
-    return [ids for part in parts for ids in part]
+        return [enc for part in pool.map(_worker_encode, chunks) for enc in part]
 
 
 def tokenize_records(records: list[dict], template: Template, tokenizer, max_seq_length: int,
                      truncation: str = "truncate", num_proc: int = 1, tokenizer_path=None) -> dict:
-    """Render and tokenize; the loss mask marks completion tokens. Segment boundaries come from
-    re-tokenizing the text prefixes, exactly like LESS's encode_with_messages_format."""
+    """Render and tokenize the full text once; a token is trained when its first character lies in a
+    trained segment (completion, EOS included). Returns tokens, masks, kept indices and counts."""
     if truncation not in ("truncate", "drop"):
         raise DataError(f"--truncation must be 'truncate' or 'drop', not {truncation!r}")
-    texts, owner = [], []  # per example: full text first, then each prefix that ends a segment
+    texts, bounds = [], []
     for rec in records:
         segs = render_example(template, rec, tokenizer)
-        ends = np.cumsum([len(t) for t, _ in segs])
-        full = "".join(t for t, _ in segs)
-        texts.append(full)
-        texts += [full[:e] for e in ends[:-1]]
-        owner.append((len(texts) - len(segs), [f for _, f in segs]))
-    ids = _encode(texts, tokenizer, template.add_special_tokens, num_proc, tokenizer_path)
+        texts.append("".join(t for t, _ in segs))
+        bounds.append((np.cumsum([len(t) for t, _ in segs]), np.array([f for _, f in segs], dtype=np.uint8)))
+    encs = _encode(texts, tokenizer, template.add_special_tokens, num_proc, tokenizer_path) if texts else []
     tokens, masks, kept, stats = [], [], [], Counter()
-    for i, (start, flags) in enumerate(owner):
-        full = np.asarray(ids[start], dtype=np.uint32)
-        bounds = [0, *(len(ids[start + 1 + k]) for k in range(len(flags) - 1)), len(full)]
-        mask = np.zeros(len(full), dtype=np.uint8)
-        for k, flag in enumerate(flags):
-            if flag:
-                mask[bounds[k]:bounds[k + 1]] = 1
-        if len(full) > max_seq_length:
+    for i, ((ids, starts), (ends, flags)) in enumerate(zip(encs, bounds)):
+        mask = flags[np.minimum(np.searchsorted(ends, starts, side="right"), len(flags) - 1)]
+        if len(ids) > max_seq_length:
             stats["truncated" if truncation == "truncate" else "dropped"] += 1
             if truncation == "drop":
                 continue
-            full, mask = full[:max_seq_length], mask[:max_seq_length]
+            ids, mask = ids[:max_seq_length], mask[:max_seq_length]
         if not mask.any():
             stats["no_target"] += 1
-        tokens.append(full)
+        tokens.append(ids)
         masks.append(mask)
         kept.append(i)
     return {"tokens": tokens, "masks": masks, "kept": kept, "stats": dict(stats)}
@@ -622,13 +621,16 @@ def validate(splits: dict[str, list[dict]], problems: list[dict], skip_bad_rows:
         splits[split] = kept
     norm = {s: Counter(_norm_q(r["question"]) for r in rs) for s, rs in splits.items()}
     exact = {s: {r["question"].strip() for r in rs} for s, rs in splits.items()}
+    ids = {s: {_norm_q(r["question"]): r["id"] for r in rs} for s, rs in splits.items()}
     for s, c in norm.items():
-        report["duplicates"][s] = sum(v - 1 for v in c.values() if v > 1)
+        dup = [ids[s][q] for q, v in c.items() if v > 1]
+        report["duplicates"][s] = {"count": sum(v - 1 for v in c.values() if v > 1), "examples": dup[:10]}
     for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
-        report["duplicates"][f"{a}&{b}"] = len(set(norm[a]) & set(norm[b]))
+        both = sorted(set(norm[a]) & set(norm[b]))
+        report["duplicates"][f"{a}&{b}"] = {"count": len(both), "examples": [ids[a][q] for q in both[:10]]}
     for a in ("train", "valid"):
         report["contamination"][f"{a}_vs_test_exact"] = len(exact[a] & exact["test"])
-        report["contamination"][f"{a}_vs_test_normalized"] = len(set(norm[a]) & set(norm["test"]))
+        report["contamination"][f"{a}_vs_test_normalized"] = report["duplicates"][f"{a}&test"]["count"]
     return splits, report
 
 
@@ -643,8 +645,11 @@ def _report_md(report: dict) -> str:
     for k in ("malformed_rows", "empty_fields", "gold_missing", "level_unknown"):
         v = report[k]
         lines.append(f"| {k} | {len(v)}" + (f" (e.g. {v[:5]})" if v else "") + " |")
-    for k, v in {**report["duplicates"], **report["contamination"]}.items():
-        lines.append(f"| {k} | {v} |")
+    for k, v in report["duplicates"].items():
+        lines.append(f"| duplicate questions {k} | {v['count']}" + (f" (e.g. {v['examples'][:5]})"
+                                                                  if v["count"] else "") + " |")
+    for k, v in report["contamination"].items():
+        lines.append(f"| contamination {k} | {v} |")
     for s, st in report["tokenized"].items():
         lines.append(f"| tokenized {s} | {st} |")
     return "\n".join(lines) + "\n"
