@@ -17,8 +17,9 @@ Read top to bottom:
 
 Loss: the sum of token cross-entropies over every completion token of the accumulated global batch
 (all micro-steps, all ranks) divided by the number of those tokens (all-reduced before the backward
-passes), i.e. a mean over tokens, not a mean of per-row means. FSDP's gradient division is disabled
-(set_gradient_divide_factor(1.0)) so the summed gradients are exactly the gradient of that mean.
+passes), i.e. a mean over tokens, not a mean of per-row means. FSDP averages gradients over ranks, so
+each rank's backward uses loss_sum * world / n_tokens: the average is then exactly the gradient of that
+mean (the same as set_gradient_divide_factor(1.0), which gloo cannot do: no PREMUL_SUM).
 """
 from __future__ import annotations
 
@@ -451,9 +452,6 @@ def build_model(cfg: Config, d: Dist, hf_config: dict, device: str | torch.devic
         for block in model.model.layers:
             fully_shard(block, mesh=d.mesh, mp_policy=mp)
         fully_shard(model, mesh=d.mesh, mp_policy=mp)
-        for m in model.modules():
-            if hasattr(m, "set_gradient_divide_factor"):
-                m.set_gradient_divide_factor(1.0)  # the loss is already divided by the global token count
     return model, lcfg
 
 
@@ -611,15 +609,18 @@ class RunLog:
         self.job_dir = job_dir
         self.tb = self.wandb = None
         self.pending: list[str] = []
+        self.file = None
         if self.on:
             job_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(job_dir / "train.log", "a", buffering=1)
+            if not os.environ.get("MATHSFT_LOG_TEED"):  # the LESS-style wrappers tee stdout into train.log
+                self.file = open(job_dir / "train.log", "a", buffering=1)
 
     def __call__(self, msg: str) -> None:
         if self.on:
             line = f"[{time.strftime('%H:%M:%S')}] {msg}"
             print(line, flush=True)
-            self.file.write(line + "\n")
+            if self.file is not None:
+                self.file.write(line + "\n")
 
     def start_reporting(self, cfg: Config, job_name: str) -> None:
         if not self.on or cfg.report_to == "none":
@@ -662,7 +663,8 @@ class RunLog:
                 self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
 
 
 def versions() -> dict:
@@ -975,7 +977,9 @@ def train_step(run: Run, micro: list[dict]) -> dict:
     for i, m in enumerate(micro):
         _set_grad_sync(run, i == len(micro) - 1)
         ls, ntok = forward_loss_sum(run, m)
-        (ls / max(denom, 1.0)).backward()
+        # FSDP averages gradients over ranks; x world turns that average into the sum we want (gloo has no
+        # PREMUL_SUM, so set_gradient_divide_factor(1.0) is not an option there).
+        (ls * (d.world / max(denom, 1.0))).backward()
         loss_sum += ls.detach()
         tokens += ntok
     loss = float(all_reduce(loss_sum, d).item()) / max(denom, 1.0)
