@@ -306,7 +306,8 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32) * std)
+                dev = generator.device if generator is not None else p.device
+                p.copy_(torch.randn(p.shape, generator=generator, device=dev) * std)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each decoder block in backward (torch.utils.checkpoint, non-reentrant). FQNs don't change."""
@@ -337,7 +338,10 @@ class Transformer(nn.Module):
             position_ids = default_position_ids(input_ids, doc_ids, key_padding_mask, cache)
         plan = make_attn_plan(self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask, cache)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.model.inv_freq, position_ids, h.dtype)
+        inv_freq = self.model.inv_freq  # a later model.to(bf16) casts buffers too: RoPE needs the fp32 values
+        if inv_freq.dtype != torch.float32:
+            inv_freq = rope_inv_freq(self.args, device=inv_freq.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
             if use_ckpt:
@@ -597,10 +601,12 @@ def _copy_into(param: torch.Tensor, t: torch.Tensor, key: str, f: Path) -> None:
     if tuple(t.shape) != tuple(param.shape):
         raise ValueError(f"shape mismatch for {key} in {f}: file has {tuple(t.shape)}, model expects "
                          f"{tuple(param.shape)} (is config.json the one these weights were saved with?)")
-    if hasattr(param, "device_mesh"):  # FSDP2 DTensor parameter: keep only the local shard
+    if hasattr(param, "device_mesh"):  # FSDP2 DTensor: every rank reads the full tensor, keeps its shard (no comms)
         from torch.distributed.tensor import distribute_tensor
 
-        t = distribute_tensor(t.to(param.device, param.dtype), param.device_mesh, param.placements)
+        t = distribute_tensor(t.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(t.to_local())
+        return
     param.copy_(t)
 
 

@@ -43,6 +43,7 @@ class Bench:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    threads: int = 0  # torch.set_num_threads (0: torch's default)
 
 
 def make_docs(n_tokens: int, lo: int, hi: int, vocab: int, rng: random.Random) -> list[list[int]]:
@@ -55,15 +56,15 @@ def make_docs(n_tokens: int, lo: int, hi: int, vocab: int, rng: random.Random) -
 
 
 def pack(docs: list[list[int]], seq_len: int, rows: int):
-    """First-fit into `rows` rows of seq_len; documents that don't fit are dropped. Returns ids, doc_ids, n_real."""
+    """Best-fit (longest first) into `rows` rows of seq_len; documents that don't fit are dropped."""
     bins: list[list[list[int]]] = [[] for _ in range(rows)]
     used = [0] * rows
     for d in sorted(docs, key=len, reverse=True):
-        for r in range(rows):
-            if used[r] + len(d) <= seq_len:
-                bins[r].append(d)
-                used[r] += len(d)
-                break
+        fits = [r for r in range(rows) if used[r] + len(d) <= seq_len]
+        if fits:
+            r = max(fits, key=lambda r: used[r])
+            bins[r].append(d)
+            used[r] += len(d)
     ids = torch.zeros(rows, seq_len, dtype=torch.long)
     doc_ids = torch.zeros(rows, seq_len, dtype=torch.long)
     for r, row in enumerate(bins):
@@ -139,6 +140,8 @@ def main(cfg: Bench) -> None:
 
     from transformers import AutoModelForCausalLM
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dtype = M._DTYPES[cfg.dtype]
     with tempfile.TemporaryDirectory() as d:
         args = M.ModelArgs(model_type="llama", vocab_size=cfg.vocab, hidden_size=cfg.hidden,
@@ -156,7 +159,7 @@ def main(cfg: Bench) -> None:
     print("| ---: | ---: | ---: | --- | ---: | ---: |")
     rng = random.Random(cfg.seed)
     for seq_len in cfg.seq_lens:
-        docs = make_docs(cfg.tokens, cfg.doc_min, cfg.doc_max, cfg.vocab, rng)
+        docs = make_docs(2 * cfg.tokens, cfg.doc_min, cfg.doc_max, cfg.vocab, rng)
         fns, real, rows, ndocs = cases(cfg, native, hf, seq_len, docs)
         for fn in fns.values():  # warm-up
             fn()

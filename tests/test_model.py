@@ -100,6 +100,7 @@ def cpu_impls(requires_grad: bool):
     return ["sdpa_mask", "per_doc", "per_doc_padded"] + ([] if requires_grad else ["flex"])
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("impl", cpu_impls(requires_grad=False))
 def test_packed_row_equals_each_document_alone(hf_dirs, impl):
     m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
@@ -135,6 +136,22 @@ def test_packed_gradients_agree_across_impls_and_checkpointing(hf_dirs):
     ref = grads["sdpa_mask", False]
     for g in grads.values():
         assert (g - ref).abs().max().item() <= 1e-5
+
+
+def test_padded_batch_with_key_padding_mask_equals_each_alone(hf_dirs):
+    m = M.Transformer.from_pretrained(hf_dirs["mistral"])
+    seqs = [[5, 9, 31, 7, 2], [8, 8, 100, 4, 61, 3, 19, 22], [44]]
+    L = max(map(len, seqs))
+    for left in (True, False):
+        ids = torch.zeros(3, L, dtype=torch.long)
+        mask = torch.zeros(3, L, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            sl = slice(L - len(s), L) if left else slice(0, len(s))
+            ids[i, sl], mask[i, sl] = torch.tensor(s), True
+        with torch.no_grad():
+            out = m(ids, key_padding_mask=mask)
+            for i, s in enumerate(seqs):
+                assert (out[i][mask[i]] - m(torch.tensor([s]))[0]).abs().max().item() <= 1e-5
 
 
 def test_return_hidden_then_lm_head_equals_logits(hf_dirs):
