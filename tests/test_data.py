@@ -216,6 +216,42 @@ def test_clear_errors(tmp_path):
         data.load_template("nope")
 
 
+def test_generic_formats(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"question": "1+1?", "answer": "2"},
+            {"question": "How many?", "answer": "3 plus 4 is 7.\n#### 7"},
+            {"prompt": "Say hi", "completion": "hi"},
+            {"problem": "Find $x$.", "solution": "So $x=\\boxed{4}$."}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = data.load_records(str(f), "train", tmp_path)
+    assert [r["question"] for r in recs] == ["Add.\n\n2 and 3", "1+1?", "How many?", "Say hi", "Find $x$."]
+    assert [r["solution"] for r in recs] == ["5", "2", "3 plus 4 is 7.", "hi", "So $x=\\boxed{4}$."]
+    assert [r["answer"] for r in recs] == [None, "2", "7", None, "4"]
+    assert {r["source"] for r in recs} == {"mixed"} and recs[0]["id"] == "mixed/train/0"
+
+
+def test_parquet_needs_pyarrow(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        f = tmp_path / "x.parquet"
+        f.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match="pyarrow"):
+            data.load_records(str(f), "train", tmp_path)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "1"}]), tmp_path / "x.parquet")
+        assert data.load_records(str(tmp_path / "x.parquet"), "train", tmp_path)[0]["answer"] == "1"
+
+
+def test_chat_template_needs_one(shared):
+    gpt2 = data.load_tokenizer(shared / "models" / "gpt2")
+    with pytest.raises(DataError, match="chat_template"):
+        data.render_prompt(data.load_template("chat"), "q", gpt2)
+
+
 def test_config_yaml_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("datasets: [math]\nmax_seq_len: 10\n")
