@@ -675,8 +675,9 @@ def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "da
             math_sample: int | None = None, num_proc: int = 1,
             prompts_dir: str | Path = REPO / "data" / "prompts") -> Path:
     """Build (or reuse) the cache; return <out_dir>/<key>/<split> ('train' or 'valid').
-    The folder holds tokens.npy, loss_mask.npy, doc_offsets.npy and meta.json; the key folder also
-    holds records/{train,valid,test}.jsonl and report.{json,md}."""
+    The folder holds tokens.npy, loss_mask.npy, doc_offsets.npy and meta.json (it is absent when the
+    split is empty, e.g. valid_fraction=0); the key folder also holds records/{train,valid,test}.jsonl
+    and report.{json,md}."""
     if split not in ("train", "valid"):
         raise DataError(f"split must be 'train' or 'valid' (test is evaluated from records), not {split!r}")
     if not sources:
@@ -731,7 +732,7 @@ def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template
     (tmp / "records").mkdir()
     report["tokenized"] = {}
     for split, recs in splits.items():
-        if split != "test":
+        if split != "test" and recs:  # an empty split gets no token folder
             out = tokenize_records(recs, tpl, tok, st["max_seq_length"], st["truncation"], num_proc,
                                    tokenizer_path)
             recs = [recs[i] for i in out["kept"]]
