@@ -1,0 +1,134 @@
+"""Decoding throughput: evalmath's KV-cached batched greedy (model.generate) vs transformers' batched generate.
+
+Same weights, same prompts (GSM8K test questions in the `boxed` template), same max_new_tokens, greedy, fp32
+on CPU. EOS is disabled on both sides so every row generates exactly max_new_tokens tokens (random-init
+models would otherwise stop at different points). The two are timed alternately in one process; the
+ratio is what to read, not the absolute numbers (the machine is shared).
+
+    python scripts/bench_decode.py --shared ../shared [--batch_size 16] [--max_new_tokens 32]
+        [--qwen_layers 6] [--repeats 3] [--append docs/benchmarks.md]
+
+Models: `tiny` (make_tiny llama, 2 layers, hidden 64, its own 512-token BPE) and `qwen-shape`: the
+Qwen2.5-0.5B config (hidden 896, 14/2 heads, intermediate 4864, vocab 151936, tied embeddings, qkv bias)
+with random weights and the real Qwen2.5 tokenizer, truncated to --qwen_layers layers (24 in the real model)
+to keep a CPU run short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import data  # noqa: E402
+import evalmath  # noqa: E402
+from model import Transformer, make_tiny  # noqa: E402
+
+QWEN_SHAPE = dict(hidden=896, heads=14, kv_heads=2, intermediate=4864, vocab=151936)
+
+
+def build_models(shared: Path, work: Path, qwen_layers: int) -> dict[str, Path]:
+    return {"tiny": make_tiny(work / "tiny", arch="llama", seed=0),
+            "qwen-shape": make_tiny(work / "qwen", arch="qwen2", tokenizer=shared / "models" / "qwen2.5-0.5b",
+                                    seed=0, layers=qwen_layers, **QWEN_SHAPE)}
+
+
+def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens: int, repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tpl = data.load_template("boxed")
+    prompts = [data.encode_prompt(tpl, q, tok) for q in questions[:batch_size]]
+    ours = Transformer.from_pretrained(path).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+
+    def run_ours():
+        return evalmath.decode(ours, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=[])
+
+    def run_hf():
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+
+    times: dict[str, list[float]] = {"evalmath": [], "transformers": []}
+    outs = {}
+    for rep in range(repeats + 1):  # the first round is a warm-up
+        for name, fn in (("evalmath", run_ours), ("transformers", run_hf)):
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    same = [g.tokens for g in outs["evalmath"]] == outs["transformers"][:, P:].tolist()
+    n_tok = len(prompts) * max_new_tokens
+    res = {"layers": ours.args.num_hidden_layers, "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+           "batch": len(prompts), "prompt_tokens_max": P, "max_new_tokens": max_new_tokens, "same_tokens": same}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res[name] = {"seconds_median": round(med, 3), "tokens_per_s": round(n_tok / med, 1),
+                     "problems_per_s": round(len(prompts) / med, 3)}
+    res["speedup"] = round(res["transformers"]["seconds_median"] / res["evalmath"]["seconds_median"], 2)
+    return res
+
+
+def markdown(results: dict, args) -> str:
+    lines = ["## Decoding", "",
+             "evalmath's KV-cached batched greedy decoding (`evalmath.decode` -> `model.generate`) vs transformers' "
+             "batched `generate` (left-padded, `do_sample=False`), same weights/prompts/max_new_tokens, fp32, CPU, "
+             "EOS disabled so every row generates max_new_tokens tokens; timed alternately in one process "
+             f"(median of {args.repeats} after a warm-up). Prompts: GSM8K test questions in the `boxed` template.",
+             "", f"command: `python scripts/bench_decode.py --shared ../shared --batch_size {args.batch_size} "
+             f"--max_new_tokens {args.max_new_tokens} --qwen_layers {args.qwen_layers} --repeats {args.repeats}` "
+             f"(torch {torch.__version__}, {torch.get_num_threads()} threads, shared 2-core machine)", "",
+             "| model | layers | params | batch | new tokens | evalmath tok/s | transformers tok/s | evalmath problems/s "
+             "| transformers problems/s | speedup | same tokens |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['layers']} | {r['params_M']}M | {r['batch']} | {r['max_new_tokens']} | "
+                     f"{r['evalmath']['tokens_per_s']} | {r['transformers']['tokens_per_s']} | "
+                     f"{r['evalmath']['problems_per_s']} | {r['transformers']['problems_per_s']} | "
+                     f"{r['speedup']}x | {r['same_tokens']} |")
+    lines += ["", "`qwen-shape` is the Qwen2.5-0.5B config with random weights and the real tokenizer, cut to "
+              f"{args.qwen_layers} of its 24 layers (CPU time); the 136M-parameter tied embedding / LM head is kept, "
+              "so the per-token LM-head cost is the real one. Target: >= 2x at batch 16.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="the shared material folder")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--qwen_layers", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=["tiny", "qwen-shape"])
+    ap.add_argument("--append", type=Path, default=None, help="append the markdown section to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    questions = [r["question"] for r in data.load_records("gsm8k", "test", args.shared / "data")]
+    with tempfile.TemporaryDirectory() as work:
+        paths = build_models(args.shared, Path(work), args.qwen_layers)
+        results = {}
+        for name in args.models:
+            results[name] = bench_one(paths[name], questions, args.batch_size, args.max_new_tokens, args.repeats)
+            print(json.dumps({name: results[name]}), flush=True)
+    md = markdown(results, args)
+    print(md)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + md)
+
+
+if __name__ == "__main__":
+    main()
