@@ -313,7 +313,7 @@ def load_template(name: str, prompts_dir: str | Path = REPO / "data" / "prompts"
 def _solution_boxed(record: dict) -> str:
     """The solution ending with its final answer in \\boxed{} (MATH solutions already have one)."""
     sol = (record.get("solution") or "").strip()
-    answer = record.get("meta", {}).get("answer_raw") or record.get("answer")
+    answer = record.get("answer") or record.get("meta", {}).get("answer_raw")  # GSM8K: 1000, not 1,000
     if answer is None or extract_boxed(sol) is not None:
         return sol
     return f"{sol}\nThe final answer is \\boxed{{{answer}}}".lstrip()
