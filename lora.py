@@ -358,6 +358,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, str | None
         "modules_to_save": bool(d.get("modules_to_save")), "layers_to_transform": d.get("layers_to_transform") is not None,
         "rank_pattern": bool(d.get("rank_pattern")), "alpha_pattern": bool(d.get("alpha_pattern")),
         "use_dora": bool(d.get("use_dora")), "target_modules (regex string)": isinstance(d.get("target_modules"), str),
+        "lora_bias": bool(d.get("lora_bias")), "layer_replication": bool(d.get("layer_replication")),
+        "exclude_modules": bool(d.get("exclude_modules")), "target_parameters": bool(d.get("target_parameters")),
+        "trainable_token_indices": bool(d.get("trainable_token_indices")),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

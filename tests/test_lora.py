@@ -96,7 +96,7 @@ def test_fresh_adapter_is_identity_and_only_adapters_train(base):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)], lr=1e-2)
     model.train()
-    for _ in range(3):
+    for _ in range(2):  # step 1 moves B (A's grad is 0 while B = 0), step 2 moves A too
         loss = F.cross_entropy(logits(model, IDS[:, :-1]).flatten(0, 1), IDS[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -187,6 +187,20 @@ def test_save_from_gathered_state_dict_and_peft071_files(base, tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
 
 
+def test_dropout_only_on_the_adapter_branch(base):
+    model = base.load()
+    with torch.no_grad():
+        ref = logits(model, IDS)
+    lora.inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.5))
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(logits(model, IDS), ref)  # B = 0: dropout never touches the base path
+        randomize_adapters(model)
+        assert not torch.equal(logits(model, IDS), logits(model, IDS))  # train: random masks
+        model.eval()
+        assert torch.equal(logits(model, IDS), logits(model, IDS))
+
+
 def test_rslora_key_written_only_when_set(base, tmp_path):
     model = base.load()
     cfg = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), use_rslora=True)
@@ -215,6 +229,17 @@ def test_peft_loads_our_adapter_with_same_logits(base, tmp_path):
     peft_names = [n for n, _ in theirs_model.named_parameters() if "lora_" in n]
     ours_names = [lora.peft_param_name(n) for n, _ in model.named_parameters() if "lora_" in n]
     assert ours_names == peft_names
+
+    # and the other way: an adapter written by peft itself (random A and B) loads into our model
+    peft_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                               init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(5)
+    from_peft = peft.get_peft_model(_load_hf(base.dir), peft_cfg).eval()
+    from_peft.save_pretrained(tmp_path / "peft_written")
+    back = lora.load_adapter(base.load(), tmp_path / "peft_written")
+    assert len(lora.lora_modules(back)) == 2 * 3
+    with torch.no_grad():
+        torch.testing.assert_close(logits(back, IDS), logits(from_peft, IDS), atol=1e-5, rtol=0)
 
     merged_dir = tmp_path / "merged"  # merged export in HF format: same logits in transformers and in ours
     lora.merge_and_unload(model).save_pretrained(merged_dir)
