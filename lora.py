@@ -76,7 +76,8 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (own `weight`, `bias`) plus a trainable low-rank update."""
+    """A frozen linear layer (own `weight`, `bias`) plus a trainable low-rank update. Built directly, the base
+    weight is uninitialised (load it); `from_linear` / `inject_lora` wrap an existing nn.Linear instead."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
                  bias: bool = False, use_rslora: bool = False, device=None, dtype=None, lora_dtype=None):
