@@ -791,7 +791,7 @@ def parse_config(argv: list[str]) -> PrepareConfig:
                 raise DataError(f"{known.config}: unknown key '{k}'" + (f"; did you mean '{near[0]}'?"
                                                                        if near else ""))
             setattr(base, k, tuple(v) if isinstance(v, list) else v)
-    return tyro.cli(PrepareConfig, default=base, args=rest, use_underscores=True)
+    return tyro.cli(PrepareConfig, default=base, args=rest, use_underscores=True, prog="data.py prepare")
 
 
 def main(argv: list[str]) -> None:
