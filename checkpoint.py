@@ -259,15 +259,16 @@ def load_state_shard(folder: Path, rank: int, world: int) -> tuple[dict[str, tor
     index = json.loads((folder / STATE_INDEX).read_text())
     saved_world = index["world_size"]
     files = [folder / f for f in index["files"]]
+    is_sharded = {k: v["sharded"] for k, v in index["tensors"].items()}  # rank 0's view; others add .rank{r}
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(files[0]), "pt") as f0:
         for k in f0.keys():
-            if not index["tensors"][k]["sharded"] and not re.search(r"\.rank\d+$", k):
+            if not is_sharded.get(k) and not re.search(r"\.rank\d+$", k):
                 out[k] = f0.get_tensor(k)
     if saved_world == world:
         with safe_open(str(files[rank]), "pt") as f:
             for k in f.keys():
-                if index["tensors"][k]["sharded"] or k.endswith(f".rank{rank}"):
+                if is_sharded.get(k) or k.endswith(f".rank{rank}"):
                     out[k] = f.get_tensor(k)
         return out, saved_world
     sharded = [k for k, v in index["tensors"].items() if v["sharded"]]

@@ -178,7 +178,8 @@ LESS_FLAGS: dict[str, Any] = {
 }
 LESS_DEFAULTS = {"less_compat": ["true"], "packing": ["false"], "template": ["tulu"], "save_total_limit": ["0"],
                  "lr_scheduler_type": ["linear"], "warmup_ratio": ["0.03"], "learning_rate": ["2e-05"],
-                 "num_train_epochs": ["4"], "save_strategy": ["epoch"], "use_lora": ["false"]}
+                 "num_train_epochs": ["4"], "save_strategy": ["epoch"], "use_lora": ["false"],
+                 "valid_fraction": ["0"]}  # LESS trains on every example of --train_files
 
 
 def _less_fp16(v: list[str]) -> list:
@@ -1092,8 +1093,11 @@ class StopFlag:
 
     def __init__(self):
         self.raised = False
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
     def _handle(self, signum, frame):
         if self.raised and signum == signal.SIGINT:
@@ -1143,18 +1147,28 @@ def should_save(run: Run) -> bool:
 
 
 def train_loop(run: Run) -> None:
-    cfg, d, st, data = run.cfg, run.d, run.st, run.data
     stop = StopFlag()
+    run.model.train()
+    try:
+        _loop(run, stop)
+    finally:
+        stop.restore()
+
+
+def _loop(run: Run, stop: StopFlag) -> None:
+    cfg, d, data = run.cfg, run.d, run.data
     accum = cfg.gradient_accumulation_steps
     stream = _stream(data.train)
     t_start, step_start = time.time(), run.st.step
-    run.model.train()
     while run.st.step < data.total_steps:
         st = run.st
         t0 = time.time()
         res = train_step(run, [next(stream) for _ in range(accum)])
         st.step += 1
-        if not res["ok"]:
+        if res["label_tokens"] == 0:
+            st.skipped_steps += 1
+            run.log(f"step {st.step}: no completion tokens in this batch (all truncated away?): update skipped")
+        elif not res["ok"]:
             st.bad_in_row += 1
             st.skipped_steps += 1
             run.log(f"step {st.step}: non-finite loss {res['loss']} or grad norm {res['grad_norm']}: update "

@@ -1,0 +1,355 @@
+"""sft.py + checkpoint.py on CPU with a tiny random Qwen2 model (model.make_tiny) and real GSM8K rows.
+
+Runs that must die (SIGKILL, SIGTERM) or use torchrun are real subprocesses of `python sft.py`."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint as ck
+import sft
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory, shared) -> Path:
+    """A tiny model, 96 GSM8K training rows (plain and tulu-messages jsonl) and a shared data cache."""
+    from model import make_tiny
+
+    root = tmp_path_factory.mktemp("sft")
+    make_tiny(root / "tiny", arch="qwen2", seed=0)
+    rows = [json.loads(x) for x in (shared / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[:96]]
+    (root / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tulu = [{"dataset": "gsm8k", "id": f"g{i}", "messages": [{"role": "user", "content": r["question"]},
+                                                             {"role": "assistant", "content": r["answer"]}]}
+            for i, r in enumerate(rows[:48])]
+    (root / "tulu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tulu))
+    return root
+
+
+def base_args(work: Path, job: str, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(work / "tiny"), "--train_files", str(work / "gsm.jsonl"),
+            "--max_seq_length", "512", "--truncation", "drop", "--per_device_train_batch_size", "1",
+            "--num_threads", "1",
+            "--data_cache_dir", str(work / "cache"), "--output_dir", str(work / "out"), "--job_name", job,
+            "--learning_rate", "3e-3", "--warmup_steps", "0", *extra]
+
+
+def run_sft(args: list[str], env_extra: dict | None = None, check: bool = True, nproc: int = 0):
+    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"}
+    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
+           else [PY]) + [str(REPO / "sft.py"), *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"sft.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(job_dir: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(x) for x in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+def state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Model and optimizer tensors of a single-rank checkpoint (RNG left out)."""
+    sd = load_file(str(ckpt / "state-rank00000-of-00001.safetensors"))
+    return {k: v for k, v in sd.items() if not k.startswith("rng.")}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+def test_yaml_defaults_flags_override_and_bool_forms(tmp_path):
+    cfg, notes = sft.parse_args(["--config", str(REPO / "configs" / "train_lora.yaml"), "--lora_r", "4"])
+    assert cfg.use_lora and cfg.lora_r == 4 and cfg.lora_alpha == 32
+    assert cfg.datasets == ("gsm8k",) and cfg.template == "boxed"  # from data_gsm8k.yaml via `configs:`
+    assert cfg.model_name_or_path == "models/Qwen2.5-0.5B"  # from model.yaml
+    assert any("data_gsm8k.yaml" in n for n in notes)
+    for argv, expected in ((["--use_lora"], True), (["--use_lora", "false"], False), (["--use_lora", "True"], True),
+                           (["--use_lora=0"], False)):
+        assert sft.parse_args(argv)[0].use_lora is expected
+    full, _ = sft.parse_args(["--config", str(REPO / "configs" / "train_full.yaml")])
+    assert not full.use_lora and full.activation_checkpointing
+    two = tmp_path / "b.yaml"
+    two.write_text("learning_rate: 0.5\n")
+    cfg, _ = sft.parse_args(["--config", str(REPO / "configs" / "train_lora.yaml"), "--config", str(two)])
+    assert cfg.learning_rate == 0.5
+
+
+def test_less_flag_string_parses_verbatim(work):
+    script = REPO / "scripts" / "train" / "base_training_args.sh"
+    out = subprocess.run(["bash", "-c", f'source "{script}"; echo "$header"; echo "$base_training_args"'],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    header, flags = out[0], out[1]
+    assert header.split()[-1].endswith("sft.py") and "--nproc_per_node 1" in header
+    argv = shlex.split(flags) + ["--model_name_or_path", str(work / "tiny"), "--output_dir", "../out/llama2-7b-lora",
+                                 "--percentage", "0.05", "--data_seed", "3", "--sample_data_seed", "7",
+                                 "--fsdp", "full_shard auto_wrap", "--fsdp_config", "llama_finetune",
+                                 "--train_files", "a.jsonl", "b.jsonl"]
+    cfg, notes = sft.parse_args(argv)
+    assert (cfg.use_lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (True, 128, 512.0, 0.1)
+    assert cfg.lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (2e-5, 1, 32)
+    assert (cfg.num_train_epochs, cfg.save_strategy, cfg.lr_scheduler_type, cfg.warmup_ratio) == (4, "epoch", "linear", 0.03)
+    assert (cfg.percentage, cfg.sample_data_seed, cfg.seed, cfg.max_seq_length) == (0.05, 7, 0, 2048)
+    assert cfg.less_compat and not cfg.packing and cfg.template == "tulu" and cfg.overwrite_output_dir
+    assert (cfg.output_dir, cfg.job_name) == ("../out", "llama2-7b-lora")
+    assert cfg.train_files == ("a.jsonl", "b.jsonl") and cfg.report_to == "wandb"
+    ignored = next(n for n in notes if "without effect" in n)
+    for flag in ("--do_train", "--use_fast_tokenizer", "--evaluation_strategy", "--tf32", "--data_seed", "--fsdp",
+                 "--fsdp_config"):
+        assert flag in ignored
+    # a repeated flag: the last one wins
+    assert sft.parse_args(argv + ["--lora", "False"])[0].use_lora is False
+    with pytest.raises(SystemExit, match="did you mean --learning_rate"):
+        sft.parse_args(argv + ["--learning_rat", "1"])
+
+
+def test_clear_errors(work, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--learnin_rate", "1"])
+    assert "learning_rate" in capsys.readouterr().err  # tyro's did-you-mean
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_rank: 8\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml: unknown key 'lora_rank'; did you mean 'lora_r'"):
+        sft.parse_args(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="no such folder. Download the model beforehand"):
+        sft.main(["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
+    cfg, _ = sft.parse_args(["--use_lora", "false", "--lora_r", "64"])
+    assert any("--lora_r" in w for w in sft.check_config(cfg))
+    with pytest.raises(SystemExit, match="--max_steps"):
+        sft.check_config(sft.parse_args(["--num_train_epochs", "0"])[0])
+    job = tmp_path / "out" / "j"
+    job.mkdir(parents=True)
+    (job / "config.json").write_text("{}")
+    args = base_args(work, "j", "--max_steps", "1")
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="already holds a run.*--resume_from_checkpoint auto"):
+        sft.main(args)
+
+
+def test_dry_run_from_config_only_folders(shared, capsys):
+    sft.main(["--dry_run", "--model_name_or_path", str(shared / "models" / "llama-2-7b"), "--lora_r", "128",
+              "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"])
+    out = capsys.readouterr().out
+    assert "134,217,728" in out  # LESS's Llama-2-7B r=128 q/k/v/o count
+    assert "6,738,415,616" in out
+    sft.main(["--dry_run", "--model_name_or_path", "Qwen/Qwen2.5-1.5B"])
+    assert "1,543,714,304" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- training
+
+def _train_in_process(work: Path, job: str, *extra: str):
+    cfg, notes = sft.parse_args(base_args(work, job, *extra))
+    run = sft.setup(cfg, sft.init_distributed(), notes)
+    before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    sft.train_loop(run)
+    return run, before
+
+
+def test_lora_loss_falls_and_only_adapters_change(work):
+    run, before = _train_in_process(work, "lora", "--max_steps", "16", "--save_steps", "8", "--lora_r", "8")
+    ls = [x for _, x in losses(run.job_dir)]
+    assert len(ls) == 16 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.05
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(".lora_B." in k for k in changed)
+    ckpt = run.job_dir / "checkpoint-000016"
+    assert ck.verify(ckpt) is None and (run.job_dir / ck.LATEST).read_text().strip() == ckpt.name
+    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "config.json").exists()  # an adapter folder, not a full model
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    assert meta["template"] == "boxed" and meta["step"] == 16
+
+
+def test_full_finetune_loss_falls_and_exports_hf(work):
+    run, before = _train_in_process(work, "full", "--use_lora", "false", "--max_steps", "12",
+                                    "--save_strategy", "no", "--learning_rate", "2e-3")
+    ls = [x for _, x in losses(run.job_dir)]
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.05
+    ckpt = run.job_dir / "checkpoint-000012"  # the last step is always saved
+    assert ck.verify(ckpt) is None
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    ours = run.model.state_dict()
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+    tok_src = work / "tiny" / "tokenizer.json"
+    assert (ckpt / "tokenizer.json").read_bytes() == tok_src.read_bytes()
+
+
+def with_job(args: list[str], job: str) -> list[str]:
+    i = args.index("--job_name")
+    return args[:i + 1] + [job] + args[i + 2:]
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> list[str]:
+    """An uninterrupted 8-step LoRA run (dropout on, so the RNG state matters) to compare resumes with."""
+    args = base_args(work, "ref", "--max_steps", "8", "--save_steps", "3", "--lora_r", "4", "--lora_dropout", "0.1")
+    run_sft(args)
+    return args
+
+
+def test_exact_resume_after_sigkill_and_kill_during_save(work, reference):
+    """Killed while writing checkpoint 6 (that folder is skipped: resume from 3), then killed right after
+    step 7 (resume from 6): the losses and final weights and optimizer state equal the uninterrupted run."""
+    out, args = work / "out", with_job(reference, "kill")
+    p = run_sft(args, {"MATHSFT_TEST_KILL_AT": "6:during_save"}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "kill" / ".tmp-checkpoint-000006").is_dir() and not (out / "kill" / "checkpoint-000006").exists()
+    p = run_sft(args + ["--resume_from_checkpoint", "auto"], {"MATHSFT_TEST_KILL_AT": "7"}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert "skipping .tmp-checkpoint-000006" in p.stdout and "resumed from" in p.stdout
+    assert "checkpoint-000003 at step 3" in p.stdout
+    p = run_sft(args + ["--resume_from_checkpoint", "auto"])
+    assert "checkpoint-000006 at step 6" in p.stdout
+    assert losses(out / "kill") == losses(out / "ref") and len(losses(out / "ref")) == 8
+    assert_same_state(state(out / "kill" / "checkpoint-000008"), state(out / "ref" / "checkpoint-000008"))
+    ref_adapter = load_file(str(out / "ref" / "checkpoint-000008" / "adapter_model.safetensors"))
+    kill_adapter = load_file(str(out / "kill" / "checkpoint-000008" / "adapter_model.safetensors"))
+    assert all(torch.equal(ref_adapter[k], kill_adapter[k]) for k in ref_adapter)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_exactly(work, reference):
+    args = with_job(reference, "term")
+    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *args, "--max_steps", "400"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = work / "out" / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopping on a signal" in out
+    stopped = ck.list_checkpoints(work / "out" / "term")[-1][0]
+    assert 2 <= stopped < 400 and ck.verify(ck.list_checkpoints(work / "out" / "term")[-1][1]) is None
+    # continue the same 400-step schedule for a few steps (the kill hook ends both runs at stopped + 3,
+    # after checkpoint stopped + 2) and compare with an uninterrupted run of that schedule
+    more = ["--max_steps", "400", "--save_steps", str(stopped + 2)]
+    kill = {"MATHSFT_TEST_KILL_AT": str(stopped + 3)}
+    run_sft(args + more + ["--resume_from_checkpoint", "auto"], kill, check=False)
+    run_sft(with_job(reference, "term_ref") + more, kill, check=False)
+    a, b = losses(work / "out" / "term"), losses(work / "out" / "term_ref")
+    assert a == b
+    name = ck.checkpoint_name(stopped + 2)
+    assert_same_state(state(work / "out" / "term" / name), state(work / "out" / "term_ref" / name))
+
+
+def test_less_mode_checkpoint_files(work):
+    from lora import PEFT_071_KEYS, peft_param_name
+
+    script = REPO / "scripts" / "train" / "base_training_args.sh"
+    flags = subprocess.run(["bash", "-c", f'source "{script}"; echo "$base_training_args"'], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    job_dir = work / "out" / "less-lora"
+    sft.main(shlex.split(flags) + [
+        "--model_name_or_path", str(work / "tiny"), "--output_dir", str(job_dir), "--train_files",
+        str(work / "tulu.jsonl"), "--data_cache_dir", str(work / "cache"), "--report_to", "none",
+        "--num_train_epochs", "2", "--gradient_accumulation_steps", "8", "--lora_r", "8", "--max_seq_length", "256",
+        "--num_threads", "1"])
+    names = sorted(p.name for p in job_dir.glob("checkpoint-*"))
+    assert names == ["checkpoint-12", "checkpoint-6"]  # 48 examples / 8 = 6 updates per epoch, one per epoch
+    ckpt = job_dir / "checkpoint-12"
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert set(cfg) <= PEFT_071_KEYS and cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    assert cfg["base_model_name_or_path"] == str((work / "tiny").resolve())
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert adapter and all(k.startswith("base_model.model.") and ".default." not in k for k in adapter)
+    assert not any("embed_tokens" in k or "lm_head" in k for k in adapter)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (ckpt / name).read_bytes() == (work / "tiny" / name).read_bytes()
+    opt = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=True)
+    expected = {peft_param_name(k.removeprefix("base_model.model.")): v for k, v in adapter.items()}
+    assert set(opt["state"]) == set(expected)
+    for name, t in expected.items():
+        assert ".default." in name
+        st = opt["state"][name]
+        assert st["exp_avg"].shape == t.shape and st["exp_avg_sq"].shape == t.shape
+        assert st["exp_avg_sq"].abs().sum() > 0
+    g = opt["param_groups"][0]
+    assert tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8
+
+
+# ----------------------------------------------------------------------------- checkpoint.py units
+
+def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
+    for step in (1, 2, 3):
+        tmp = ck.begin(tmp_path, ck.checkpoint_name(step))
+        (tmp / "x.bin").write_bytes(bytes([step]) * 100)
+        ck.commit(tmp_path, tmp, ck.checkpoint_name(step))
+    assert (tmp_path / ck.LATEST).read_text().strip() == "checkpoint-000003"
+    (tmp_path / "checkpoint-000003" / "x.bin").write_bytes(b"\0" * 100)  # same size, other content
+    (tmp_path / ".tmp-checkpoint-000004").mkdir()
+    path, notes = ck.find_resumable(tmp_path)
+    assert path.name == "checkpoint-000002"
+    assert any("checkpoint-000003" in n and "sha256" in n for n in notes)
+    assert any(".tmp-checkpoint-000004" in n for n in notes)
+    ck.set_best(tmp_path, "checkpoint-000001")
+    assert ck.prune(tmp_path, 1, {"checkpoint-000003", ck.best_target(tmp_path)}) == ["checkpoint-000002"]
+    assert (tmp_path / ck.BEST / "x.bin").read_bytes() == bytes([1]) * 100
+
+
+def test_state_shards_rechunk_across_world_sizes(tmp_path):
+    full = torch.arange(35, dtype=torch.float32).reshape(7, 5)
+    for r, chunk in enumerate(torch.chunk(full, 3)):
+        ck.save_state_shard(tmp_path, {"w": chunk, "step": torch.tensor(4.0), f"rng.torch.rank{r}": torch.tensor([r])},
+                            {"w"}, {"w": [7, 5]}, r, 3)
+    same, saved = ck.load_state_shard(tmp_path, 1, 3)
+    assert saved == 3 and torch.equal(same["w"], torch.chunk(full, 3)[1]) and same["rng.torch.rank1"].item() == 1
+    for world in (1, 2):
+        parts = [ck.load_state_shard(tmp_path, r, world)[0] for r in range(world)]
+        assert torch.equal(torch.cat([p["w"] for p in parts]), full)
+        assert all(p["step"].item() == 4.0 and not any(k.startswith("rng.") for k in p) for p in parts)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(work):
+    extra = ("--max_steps", "6", "--save_steps", "3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2")
+    one = base_args(work, "one", *extra)
+    two = base_args(work, "two", *extra)
+    one[one.index("--per_device_train_batch_size") + 1] = "2"  # same global batch as 1 x 2 ranks (x 2 accum)
+    run_sft(one)
+    p = run_sft(two, nproc=2)
+    assert "FSDP2 over 2 ranks (gloo)" in p.stdout
+    out = work / "out"
+    ckpt = out / "two" / "checkpoint-000006"
+    assert ck.verify(ckpt) is None and (ckpt / "state-rank00001-of-00002.safetensors").is_file()
+    a, b = losses(out / "one"), losses(out / "two")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b))
+    ad1 = load_file(str(out / "one" / "checkpoint-000006" / "adapter_model.safetensors"))
+    ad2 = load_file(str(ckpt / "adapter_model.safetensors"))
+    for k in ad1:
+        torch.testing.assert_close(ad1[k], ad2[k], rtol=1e-4, atol=1e-5)
+    # resume the 2-rank checkpoint on 1 process: re-chunked state, same continuation (no dropout)
+    import shutil
+
+    shutil.rmtree(out / "two" / "checkpoint-000006")
+    p = run_sft(two + ["--resume_from_checkpoint", "auto"])
+    assert "written by 2 ranks" in p.stdout
+    assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / "two")))
