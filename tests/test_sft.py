@@ -350,6 +350,6 @@ def test_torchrun_two_processes_match_one(work):
     import shutil
 
     shutil.rmtree(out / "two" / "checkpoint-000006")
-    p = run_sft(two + ["--resume_from_checkpoint", "auto"])
+    p = run_sft(with_job(one, "two") + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
     assert "written by 2 ranks" in p.stdout
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / "two")))
