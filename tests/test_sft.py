@@ -295,6 +295,29 @@ def test_less_mode_checkpoint_files(work):
     assert tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8
 
 
+def test_non_finite_steps_are_skipped_then_abort(work):
+    """lr 1e30 blows the weights up after step 1: later losses are NaN, their updates are skipped, and
+    --max_bad_steps in a row stop the run with a clear error; the checkpoints hold finite weights."""
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        _train_in_process(work, "nan", "--max_steps", "10", "--save_steps", "2", "--learning_rate", "1e30",
+                          "--lora_r", "4", "--max_bad_steps", "3", "--max_grad_norm", "0")
+    job = work / "out" / "nan"
+    log = (job / "train.log").read_text()
+    assert "update skipped (1 in a row" in log and "update skipped (3 in a row" in log
+    path, _ = ck.find_resumable(job)
+    assert path is not None and all(torch.isfinite(v).all() for v in state(path).values())
+
+
+def test_loss_spike_rolls_back_and_scales_lr(work):
+    """A spike factor of 1.0 over a window of 2 calls almost every step a spike: the run rolls back to its
+    newest checkpoint with the lr halved, at most --max_backoffs times, then stops with an error."""
+    with pytest.raises(SystemExit, match="after 2 back-offs"):
+        _train_in_process(work, "spike", "--max_steps", "30", "--save_steps", "2", "--lora_r", "4",
+                          "--spike_factor", "1.0", "--spike_window", "2", "--max_backoffs", "2")
+    log = (work / "out" / "spike" / "train.log").read_text()
+    assert "lr scaled to 0.5 x peak (back-off 1/2)" in log and "lr scaled to 0.25 x peak (back-off 2/2)" in log
+
+
 # ----------------------------------------------------------------------------- checkpoint.py units
 
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
