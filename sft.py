@@ -780,10 +780,7 @@ def restore_state(path: Path, named, optim, d: Dist) -> tuple[dict, bool]:
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
     exact = saved_world == d.world and ck.set_rng_state_tensors(tensors, d.rank)
     if not exact:
-        seed = meta["config"]["seed"] + 1000 * d.rank + meta["step"]
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(meta["config"]["seed"] + 1000 * d.rank + meta["step"])
     return meta, exact
 
 
@@ -1310,6 +1307,12 @@ def setup(cfg: Config, d: Dist, notes: list[str]) -> Run:
     return Run(cfg, d, job_dir, log, model, lcfg, hf_config, named, optim, data, sched)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, notes = parse_args(sys.argv[1:] if argv is None else argv)
     if cfg.num_threads > 0:
@@ -1320,9 +1323,7 @@ def main(argv: list[str] | None = None) -> None:
         dry_run(cfg, Dist())
         return
     d = init_distributed()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     try:
         run = setup(cfg, d, notes)
         if run.cfg.resume_from_checkpoint:
