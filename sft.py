@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.utils.checkpoint import checkpoint
 
 import checkpoint as ck
 
@@ -82,6 +83,7 @@ class Config:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     activation_checkpointing: Bool = False  # recompute each block in backward (less memory, ~30% slower)
     attn_impl: str = "auto"  # model.py attention: auto | sdpa_mask | per_doc | flex
+    loss_chunk_tokens: int = 1024  # lm_head + loss over completion tokens only, in recomputed chunks (0: off)
     # --- LoRA (--use_lora false: full fine-tuning)
     use_lora: Bool = True
     lora_r: int = 16
@@ -947,15 +949,33 @@ def _autocast(run: Run):
 
 
 def forward_loss_sum(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies of one micro-batch (labels are pre-shifted by packing.py)."""
+    """Sum of token cross-entropies of one micro-batch (labels are pre-shifted by packing.py).
+
+    With --loss_chunk_tokens N > 0 only the completion positions go through lm_head, N at a time, each chunk
+    recomputed in backward (activation checkpointing): the [tokens, vocab] logits never exist at once."""
     from data import IGNORE_INDEX
 
     b = {k: v.to(run.d.device, non_blocking=True) for k, v in batch.items()}
+    chunk = run.cfg.loss_chunk_tokens
     with _autocast(run):
-        logits = run.model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+        out = run.model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
+                        return_hidden=chunk > 0)
+    if chunk <= 0:
+        loss = F.cross_entropy(out.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        return loss, int(b["input_ids"].numel())
+    keep = b["labels"] != IGNORE_INDEX
+    h, y = out[keep], b["labels"][keep]
+    loss = out.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
+    for i in range(0, len(y), chunk):
+        loss = loss + checkpoint(_ce_chunk, run, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
     return loss, int(b["input_ids"].numel())
+
+
+def _ce_chunk(run: Run, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with _autocast(run):
+        logits = run.model.lm_head(h)
+    return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
 def _set_grad_sync(run: Run, on: bool) -> None:
@@ -1233,7 +1253,8 @@ def memory_estimate(hf_config: dict, n_total: int, n_train: int, cfg: Config, wo
         "grads": n_train * 4 / world,
         "optimizer": n_train * 8 / world,
         "activations": acts,
-        "logits": tokens * vocab * (2 + 4 + 4),  # bf16 logits, fp32 copy for the loss, fp32 grad
+        # bf16 logits, fp32 copy for the loss, fp32 grad; with chunking only one chunk exists at a time
+        "logits": (min(tokens, cfg.loss_chunk_tokens) if cfg.loss_chunk_tokens > 0 else tokens) * vocab * 10,
     }
 
 

@@ -303,6 +303,22 @@ def test_less_mode_checkpoint_files(work):
     assert tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8
 
 
+def test_chunked_loss_equals_full_logits_loss(work):
+    cfg, notes = sft.parse_args(base_args(work, "chunk", "--max_steps", "1", "--lora_r", "4", "--lora_dropout", "0"))
+    run = sft.setup(cfg, sft.init_distributed(), notes)
+    batch = run.data.train.batch(0, 0)
+    results = []
+    for chunk in (0, 7):
+        run.cfg.loss_chunk_tokens = chunk
+        loss, _ = sft.forward_loss_sum(run, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named}))
+        run.optim.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
 def test_non_finite_steps_are_skipped_then_abort(work):
     """lr 1e30 blows the weights up after step 1: later losses are NaN, their updates are skipped, and
     --max_bad_steps in a row stop the run with a clear error; the checkpoints hold finite weights."""
