@@ -191,6 +191,20 @@ def test_lora_loss_falls_and_only_adapters_change(work):
     assert meta["template"] == "boxed" and meta["step"] == 16
 
 
+def test_save_merged_writes_an_hf_model_equal_to_base_plus_adapter(work):
+    from transformers import AutoModelForCausalLM
+
+    import lora
+
+    run, _ = _train_in_process(work, "merged", "--max_steps", "2", "--lora_r", "4", "--save_merged")
+    merged_dir = run.job_dir / "checkpoint-000002" / "merged"
+    hf = AutoModelForCausalLM.from_pretrained(merged_dir)
+    expected = lora.merged_state_dict(run.model.state_dict(), run.lcfg)
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6)
+    assert (merged_dir / "tokenizer.json").read_bytes() == (work / "tiny" / "tokenizer.json").read_bytes()
+
+
 def test_full_finetune_loss_falls_and_exports_hf(work):
     run, before = _train_in_process(work, "full", "--use_lora", "false", "--max_steps", "12",
                                     "--save_strategy", "no", "--learning_rate", "2e-3")
