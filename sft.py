@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -371,7 +372,8 @@ def init_distributed() -> Dist:
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # generous timeout: rank 0 may tokenize a large dataset while the others wait at a barrier
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     mesh = init_device_mesh(device.type, (world,))
     return Dist(rank, world, local_rank, device, mesh)
 
