@@ -381,6 +381,7 @@ class Transformer(nn.Module):
         from safetensors import safe_open
 
         files = weight_files(Path(path))
+        self.reset_buffers()  # re-tie first, so a tied lm_head.weight is not expected in the files
         params = dict(self.named_parameters(remove_duplicate=True))
         expected = {k for k in params if not any(s in k for s in allow_missing)}
         found: dict[str, Path] = {}

@@ -56,13 +56,12 @@ def make_docs(n_tokens: int, lo: int, hi: int, vocab: int, rng: random.Random) -
 
 
 def pack(docs: list[list[int]], seq_len: int, rows: int):
-    """Best-fit (longest first) into `rows` rows of seq_len; documents that don't fit are dropped."""
+    """First-fit in the given (random) order into `rows` rows of seq_len; documents that don't fit are dropped."""
     bins: list[list[list[int]]] = [[] for _ in range(rows)]
     used = [0] * rows
-    for d in sorted(docs, key=len, reverse=True):
-        fits = [r for r in range(rows) if used[r] + len(d) <= seq_len]
-        if fits:
-            r = max(fits, key=lambda r: used[r])
+    for d in docs:
+        r = next((r for r in range(rows) if used[r] + len(d) <= seq_len), None)
+        if r is not None:
             bins[r].append(d)
             used[r] += len(d)
     ids = torch.zeros(rows, seq_len, dtype=torch.long)
