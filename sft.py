@@ -80,79 +80,87 @@ class Config:
     """mathsft SFT. YAML files (--config, repeatable) give defaults; flags override them."""
 
     # --- model
+
     model_name_or_path: str = "models/Qwen2.5-0.5B"  # local HF folder (config.json, safetensors, tokenizer)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     activation_checkpointing: Bool = False  # recompute each block in backward (less memory, ~30% slower)
     attn_impl: str = "auto"  # model.py attention: auto | sdpa_mask | per_doc | flex
     loss_chunk_tokens: int = 1024  # lm_head + loss over completion tokens only, in recomputed chunks (0: off)
     # --- LoRA (--use_lora false: full fine-tuning)
-    use_lora: Bool = True
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+
+    use_lora: Bool = True  # LoRA (base frozen, adapters trained); false: full fine-tuning
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 32.0  # LoRA scaling = alpha / r
+    lora_dropout: float = 0.05  # dropout on the LoRA branch input
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj")
     save_merged: Bool = False  # LoRA: also write the merged model (HF format) into each checkpoint/merged/
     # --- data (passed to data.prepare; see docs/data.md)
+
     datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl paths
     train_files: tuple[str, ...] = ()  # jsonl files; when given they replace --datasets
-    data_dir: str = "data/raw"
+    data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl for named datasets
     template: str = "boxed"  # data/prompts/<name>.json; recorded in every checkpoint
     max_seq_length: int = 1024  # packed row length (and truncation length)
     packing: Bool = True  # pack documents into rows; false: one example per row, HF-style batches
     truncation: Literal["truncate", "drop"] = "truncate"
-    valid_fraction: float = 0.05
-    split_ratios: tuple[float, float, float] | None = None
+    valid_fraction: float = 0.05  # validation split carved from train (eval loss / accuracy)
+    split_ratios: tuple[float, float, float] | None = None  # train/valid/test for files without splits
     ratios: tuple[float, ...] | None = None  # dataset mixing weights
     percentage: float = 1.0  # LESS: fraction of the pooled train set
     sample_data_seed: int = 42  # LESS: seed of that subsample
     data_seed: int = 0  # splits and mixing (data.py's `seed`)
-    math_levels: tuple[int, ...] | None = None
-    math_sample: int | None = None
-    skip_bad_rows: Bool = False
-    num_proc: int = 1
-    data_cache_dir: str = "data/processed"
+    math_levels: tuple[int, ...] | None = None  # keep only these MATH levels
+    math_sample: int | None = None  # stratified MATH train sample size
+    skip_bad_rows: Bool = False  # skip and count malformed rows instead of failing
+    num_proc: int = 1  # tokenizer processes for data.prepare
+    data_cache_dir: str = "data/processed"  # token caches (data.py out_dir)
     # --- optimisation
-    learning_rate: float = 2e-4
+
+    learning_rate: float = 2e-4  # peak learning rate
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.03
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     min_lr_ratio: float = 0.0  # cosine/linear floor as a fraction of the peak
     weight_decay: float = 0.0  # not applied to biases and norm weights
-    adam_beta1: float = 0.9
+    adam_beta1: float = 0.9  # AdamW betas/eps (LESS assumes 0.9, 0.999, 1e-8)
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
-    num_train_epochs: int = 1
+    num_train_epochs: int = 1  # epochs (ignored when --max_steps > 0)
     max_steps: int = 0  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 4  # packing: rows of max_seq_length tokens; else examples
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     # --- run folder and checkpoints
-    output_dir: str = "outputs/checkpoints"
+
+    output_dir: str = "outputs/checkpoints"  # parent of the run folder
     job_name: str = ""  # the run folder is <output_dir>/<job_name>; default <model>-<lora|full>-<data>
-    overwrite_output_dir: Bool = False
+    overwrite_output_dir: Bool = False  # delete an existing run's checkpoints and start over
     resume_from_checkpoint: str = ""  # auto (newest complete checkpoint of this job) | PATH
     save_strategy: Literal["steps", "epoch", "no"] = "steps"  # the last step is always saved
     save_steps: int = 100
     save_total_limit: int = 3  # interval checkpoints kept (0: all); best is kept in addition
     less_compat: Bool = False  # LESS layout: checkpoint-{step}, optimizer.bin (set by LESS flags)
-    seed: int = 0
+    seed: int = 0  # model init (adapters), data order, dropout
     # --- evaluation
+
     eval_steps: int = 0  # 0: no evaluation during training
     eval_max_batches: int = 50  # validation-loss batches per evaluation
     eval_accuracy_samples: int = 0  # > 0: also greedy-decode this many validation problems (evalmath)
-    eval_max_new_tokens: int = 512
-    metric_for_best: Literal["loss", "accuracy"] = "loss"
+    eval_max_new_tokens: int = 512  # decoding budget for in-training accuracy
+    metric_for_best: Literal["loss", "accuracy"] = "loss"  # what checkpoint-best means
     early_stopping_patience: int = 0  # stop after N evaluations without a new best (0: off)
     # --- guards
+
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     spike_factor: float = 0.0  # > 0: loss above factor x running median -> roll back, scale the lr down
-    spike_window: int = 20
-    backoff_lr_scale: float = 0.5
-    max_backoffs: int = 3
+    spike_window: int = 20  # losses in the running median
+    backoff_lr_scale: float = 0.5  # lr multiplier per roll-back
+    max_backoffs: int = 3  # roll-backs before giving up with an error
     # --- logging and misc
-    logging_steps: int = 1
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+
+    logging_steps: int = 1  # progress line + metrics.jsonl every N steps
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # if installed; else a notice
     logging_dir: str = "logs"  # TensorBoard events go to <logging_dir>/<job_name>/
     num_threads: int = 0  # torch CPU threads (0: torch's default)
     deterministic: Bool = False  # torch.use_deterministic_algorithms
