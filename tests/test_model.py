@@ -295,3 +295,45 @@ def test_make_tiny_cli_with_a_copied_tokenizer(shared, tmp_path):
     m = M.Transformer.from_pretrained(tmp_path)
     assert m.args.model_type == "mistral" and m.args.vocab_size >= len(tok) and m.args.num_hidden_layers == 1
     assert m.generation_config["eos_token_id"] == tok.eos_token_id
+
+
+FSDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+import model as M
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo")
+path = sys.argv[1]
+ref = M.Transformer.from_pretrained(path)
+m = M.Transformer.from_args(ref.args, device="meta")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+for block in m.model.layers:
+    fully_shard(block, mesh=mesh)
+fully_shard(m, mesh=mesh)
+m.to_empty(device="cpu")
+m.reset_buffers()
+m.load_hf_weights(path)
+x = torch.randint(0, ref.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+with torch.no_grad():
+    diff = (m(x, doc_ids=doc) - ref(x, doc_ids=doc)).abs().max().item()
+assert diff == 0.0 and m.lm_head.weight is m.model.embed_tokens.weight, diff
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_load_hf_weights_into_fsdp2_sharded_model(hf_dirs, tmp_path):
+    """The sft.py path: meta -> fully_shard per block + root -> to_empty -> reset_buffers -> load (2 gloo ranks)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "fsdp_load.py"
+    script.write_text(FSDP_SCRIPT)
+    repo = Path(M.__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(hf_dirs["qwen2"]), str(repo)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
