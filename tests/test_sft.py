@@ -356,6 +356,34 @@ def test_loss_spike_rolls_back_and_scales_lr(work):
     assert "lr scaled to 0.5 x peak (back-off 1/2)" in log and "lr scaled to 0.25 x peak (back-off 2/2)" in log
 
 
+def test_early_stopping_and_best_on_accuracy(work):
+    """In-training accuracy through evalmath: an untrained tiny model scores 0 on every evaluation, so the
+    first evaluation is the best (checkpoint-best) and with patience 1 the run stops at the second one."""
+    run, _ = _train_in_process(work, "early", "--max_steps", "40", "--lora_r", "4", "--eval_steps", "2",
+                               "--eval_accuracy_samples", "2", "--eval_max_new_tokens", "4", "--metric_for_best",
+                               "accuracy", "--early_stopping_patience", "1", "--save_steps", "1000")
+    assert run.st.step == 4 and run.st.best_step == 2 and run.last_eval["eval_accuracy"] == 0.0
+    assert "early stopping at step 4" in (run.job_dir / "train.log").read_text()
+    assert ck.best_target(run.job_dir) == "checkpoint-000002"
+    assert (run.job_dir / "checkpoint-000004").is_dir()  # the stopping step is saved too
+
+
+@pytest.mark.slow
+def test_less_lora_train_script_end_to_end(work):
+    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"}
+    env |= {"OUTPUT_ROOT": str(work / "out"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", str(REPO / "scripts" / "train" / "lora_train.sh"), str(work / "tulu.jsonl"),
+                        str(work / "tiny"), "less-script", "--num_train_epochs", "1", "--gradient_accumulation_steps",
+                        "16", "--lora_r", "4", "--max_seq_length", "512", "--report_to", "none", "--data_cache_dir",
+                        str(work / "cache")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    job = work / "out" / "less-script"
+    log = (job / "train.log").read_text()
+    assert "LESS flags translated to" in log and "saved checkpoint-3" in log
+    assert log.count("saved checkpoint-3") == 1  # the tee is the only writer of train.log
+    assert {"adapter_model.safetensors", "optimizer.bin", "tokenizer.json"} <= {x.name for x in (job / "checkpoint-3").iterdir()}
+
+
 # ----------------------------------------------------------------------------- checkpoint.py units
 
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
