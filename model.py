@@ -772,9 +772,24 @@ We compute \\sqrt{16} = 4 and 2^{10} = 1024. The remainder when 100 is divided b
 """
 
 
-def _train_tiny_tokenizer(out: Path, seed: int):
-    """A byte-level BPE (digits split individually) trained on a small built-in corpus, saved so that
-    transformers.AutoTokenizer loads it. Specials: <|endoftext|> (eos/pad), <|im_start|>, <|im_end|>."""
+def _corpus_lines(files: list[Path]) -> list[str]:
+    """Text lines of corpus files; a .jsonl file contributes the string values of each row."""
+    lines: list[str] = []
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--tokenizer_corpus {f}: no such file")
+        for raw in Path(f).read_text(encoding="utf-8").splitlines():
+            if str(f).endswith(".jsonl") and raw.strip():
+                lines += [v for v in json.loads(raw).values() if isinstance(v, str)]
+            else:
+                lines.append(raw)
+    return lines
+
+
+def _train_tiny_tokenizer(out: Path, seed: int, corpus: list[Path] = (), vocab_size: int = 512):
+    """A byte-level BPE (digits split individually) trained on a small built-in corpus (plus the given corpus
+    files), saved so that transformers.AutoTokenizer loads it. Specials: <|endoftext|> (eos/pad), <|im_start|>,
+    <|im_end|>."""
     import random
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -787,12 +802,13 @@ def _train_tiny_tokenizer(out: Path, seed: int):
         a, b = rng.randint(0, 999), rng.randint(0, 99)
         sym, fn = rng.choice(ops)
         lines.append(f"What is {a} {sym} {b}? {a} {sym} {b} = {fn(a, b)}. The answer is {fn(a, b)}.")
+    lines += _corpus_lines(list(corpus))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(lines, trainer)
     chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -810,6 +826,8 @@ class MakeTiny:
     out: Path  # output folder
     arch: str = "llama"  # llama | qwen2 | mistral
     tokenizer: Path | None = None  # copy this tokenizer folder; default: train a small byte-level BPE
+    tokenizer_corpus: tuple[Path, ...] = ()  # text/jsonl files the small BPE also learns from (no --tokenizer)
+    tokenizer_vocab: int = 512  # vocabulary size of that BPE
     seed: int = 0
     hidden: int = 64
     layers: int = 2
@@ -831,8 +849,9 @@ def make_tiny(out: str | os.PathLike, arch: str = "llama", tokenizer: str | os.P
     bad = sorted(set(extra) - set(ModelArgs.__dataclass_fields__))
     if bad:
         raise TypeError(f"make_tiny got unknown arguments {bad}; expected MakeTiny or ModelArgs fields")
-    cfg = MakeTiny(out=Path(out), arch=arch, tokenizer=Path(tokenizer) if tokenizer else None, seed=seed,
-                   **{k: v for k, v in sizes.items() if k in names})
+    kw = {k: v for k, v in sizes.items() if k in names}
+    kw["tokenizer_corpus"] = tuple(Path(c) for c in kw.get("tokenizer_corpus", ()))
+    cfg = MakeTiny(out=Path(out), arch=arch, tokenizer=Path(tokenizer) if tokenizer else None, seed=seed, **kw)
     return _make_tiny(cfg, extra)
 
 
@@ -855,7 +874,7 @@ def _make_tiny(cfg: MakeTiny, extra: dict | None = None) -> Path:
         if (src / "generation_config.json").is_file():
             gen_cfg = read_json(src / "generation_config.json")
     else:
-        tok = _train_tiny_tokenizer(out, cfg.seed)
+        tok = _train_tiny_tokenizer(out, cfg.seed, [Path(c) for c in cfg.tokenizer_corpus], cfg.tokenizer_vocab)
     vocab = cfg.vocab or -(-len(tok) // 64) * 64
     if vocab < len(tok):
         raise ValueError(f"--vocab {vocab} is smaller than the tokenizer's {len(tok)} tokens")
@@ -884,7 +903,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = tyro.extras.subcommand_cli_from_dict({"make-tiny": MakeTiny}, args=argv, use_underscores=True)
     out = _make_tiny(cfg)
-    print(json.dumps({"out": str(out), "config": asdict(cfg) | {"out": str(out), "tokenizer": str(cfg.tokenizer)}}))
+    print(json.dumps({"out": str(out), "config": asdict(cfg) | {"out": str(out), "tokenizer": str(cfg.tokenizer),
+                                                              "tokenizer_corpus": [str(c) for c in cfg.tokenizer_corpus]}}))
 
 
 if __name__ == "__main__":
