@@ -474,44 +474,12 @@ def load_weights(model, cfg: Config, d: Dist) -> None:
 
     model.to_empty(device=d.device)
     model.reset_buffers()
-    if d.world == 1:
+    try:  # DTensor parameters: each rank keeps its chunk, no collectives
         model.load_hf_weights(cfg.model_name_or_path)
-    else:
-        _load_sharded_weights(model, Path(cfg.model_name_or_path))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: --model_name_or_path {cfg.model_name_or_path}: {e}") from None
     if cfg.use_lora:
         lora.reset_lora_parameters(model, seed=cfg.seed)
-
-
-@torch.no_grad()
-def _load_sharded_weights(model, path: Path) -> None:
-    """Like model.load_hf_weights, for FSDP2 DTensor parameters, without collectives: every rank reads the
-    full tensor and keeps its own chunk (same order on every rank by construction)."""
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    import model as M
-
-    params = dict(model.named_parameters())
-    found = {}
-    for f in M.weight_files(path):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                found[k] = f
-    missing = sorted(k for k in params if "lora_" not in k and k not in found)
-    if missing:
-        raise SystemExit(f"error: {path}: weights missing for {missing[:6]} ({len(missing)} in all)")
-    for k in sorted(params):
-        if k not in found:
-            continue
-        p = params[k]
-        with safe_open(str(found[k]), "pt") as sf:
-            t = sf.get_tensor(k).to(p.device, p.dtype)
-        if isinstance(p, DTensor):
-            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(t)
-        else:
-            p.copy_(t)
-    model.reset_buffers()
 
 
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:

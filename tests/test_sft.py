@@ -123,7 +123,7 @@ def test_less_flag_string_parses_verbatim(work):
         sft.parse_args(argv + ["--learning_rat", "1"])
 
 
-def test_clear_errors(work, tmp_path, capsys):
+def test_clear_errors(work, shared, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft.parse_args(["--learnin_rate", "1"])
     assert "learning_rate" in capsys.readouterr().err  # tyro's did-you-mean
@@ -133,6 +133,8 @@ def test_clear_errors(work, tmp_path, capsys):
         sft.parse_args(["--config", str(bad)])
     with pytest.raises(SystemExit, match="no such folder. Download the model beforehand"):
         sft.main(["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no weights in"):  # a config-only folder is enough for --dry_run only
+        sft.main(base_args(work, "noweights", "--model_name_or_path", str(shared / "models" / "qwen2.5-0.5b")))
     cfg, _ = sft.parse_args(["--use_lora", "false", "--lora_r", "64"])
     assert any("--lora_r" in w for w in sft.check_config(cfg))
     with pytest.raises(SystemExit, match="--max_steps"):
