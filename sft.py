@@ -294,6 +294,12 @@ def _apply_yaml(base: Config, path: Path, raw: dict) -> None:
             near = difflib.get_close_matches(key, fields, n=1)
             raise SystemExit(f"error: {path}: unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else "")
                              + f". Valid keys: python {Path(sys.argv[0]).name} --help")
+        default = getattr(Config, name, None)
+        if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:  # PyYAML reads `2e-4` (no dot) as a string
+                value = float(value)
+            except ValueError:
+                raise SystemExit(f"error: {path}: {key}: expected a number, got {value!r}") from None
         setattr(base, name, tuple(value) if isinstance(value, list) else value)
 
 

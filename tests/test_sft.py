@@ -89,9 +89,9 @@ def test_yaml_defaults_flags_override_and_bool_forms(tmp_path):
     full, _ = sft.parse_args(["--config", str(REPO / "configs" / "train_full.yaml")])
     assert not full.use_lora and full.activation_checkpointing
     two = tmp_path / "b.yaml"
-    two.write_text("learning_rate: 0.5\n")
+    two.write_text("learning_rate: 5e-4\n")  # PyYAML reads this as a string
     cfg, _ = sft.parse_args(["--config", str(REPO / "configs" / "train_lora.yaml"), "--config", str(two)])
-    assert cfg.learning_rate == 0.5
+    assert cfg.learning_rate == 5e-4
 
 
 def test_less_flag_string_parses_verbatim(work):
