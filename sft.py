@@ -1199,9 +1199,8 @@ def _loop(run: Run, stop: StopFlag) -> None:
         early = cfg.eval_steps > 0 and (st.step % cfg.eval_steps == 0 or st.step == data.total_steps) \
             and handle_eval(run)
         stopping = stop.agreed(d)
-        if early or stopping or should_save(run):
-            if cfg.save_strategy != "no" or st.step >= data.total_steps or stopping:
-                save_checkpoint(run, "signal" if stopping else "early stop" if early else "interval")
+        if early or stopping or should_save(run):  # should_save: the strategy, and always the last step
+            save_checkpoint(run, "signal" if stopping else "early stop" if early else "interval")
         if stopping or early:
             run.log(("stopping on a signal" if stopping else "early stopping") + f" at step {st.step}")
             return
