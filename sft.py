@@ -411,6 +411,15 @@ def all_gather_object(obj, d: Dist) -> list:
     return out
 
 
+def broadcast_object(obj, d: Dist):
+    """Rank 0's `obj` on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # Shapes of models users ask about before downloading them (config.json fields), for --dry_run only.
 KNOWN_CONFIGS = {
     "Qwen/Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -891,8 +900,8 @@ def save_checkpoint(run: Run, reason: str) -> Path | None:
 def resume(run: Run, where: str) -> bool:
     """Restore the newest complete checkpoint (`auto`) or `where`; False when `auto` finds none."""
     d = run.d
-    if where == "auto":
-        path, notes = ck.find_resumable(run.job_dir)
+    if where == "auto":  # rank 0 verifies (sha256 of every file), the others take its answer
+        path, notes = broadcast_object(ck.find_resumable(run.job_dir) if d.main else None, d)
         for n in notes:
             run.log(n)
         if path is None:
@@ -900,7 +909,7 @@ def resume(run: Run, where: str) -> bool:
             return False
     else:
         path = Path(where)
-        reason = ck.verify(path) if path.is_dir() else "no such folder"
+        reason = broadcast_object((ck.verify(path) if path.is_dir() else "no such folder") if d.main else None, d)
         if reason:
             raise SystemExit(f"error: --resume_from_checkpoint {where}: not a complete checkpoint ({reason})")
     meta, exact = restore_state(path, run.named, run.optim, d)
@@ -1116,7 +1125,7 @@ def roll_back(run: Run) -> bool:
     if st.backoffs >= run.cfg.max_backoffs:
         raise SystemExit(f"error: loss spike at step {st.step} after {st.backoffs} back-offs "
                          f"(--max_backoffs); the last good checkpoint is kept in {run.job_dir}")
-    path, _ = ck.find_resumable(run.job_dir, check_hashes=False)
+    path, _ = broadcast_object(ck.find_resumable(run.job_dir, check_hashes=False) if run.d.main else None, run.d)
     if path is None:
         run.log(f"loss spike at step {st.step} but no checkpoint to roll back to; continuing")
         return False
