@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -352,26 +353,28 @@ def _find_key(obj, key: str, depth: int = 0):
     return None
 
 
+def _read_json(p: Path) -> dict | None:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 def find_template(folder: Path) -> tuple[str | None, str | None]:
-    """The prompt template recorded by sft.py: a `template` field in the checkpoint's JSON metadata
-    (trainer_state.json, mathsft.json, ...), else in the data cache meta.json its config points to."""
-    for d in (folder, folder.parent):
-        for name in ("trainer_state.json", "mathsft.json", "train_state.json", "meta.json"):
-            p = d / name
-            if not p.is_file():
-                continue
-            try:
-                meta = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if _find_key(meta, "template"):
-                return _find_key(meta, "template"), str(p)
-            for key in ("cache_dir", "data_cache", "data_cache_dir"):
-                cache = _find_key(meta, key)
-                if cache and (Path(cache) / "meta.json").is_file():
-                    t = _find_key(json.loads((Path(cache) / "meta.json").read_text()), "template")
-                    if t:
-                        return t, str(Path(cache) / "meta.json")
+    """The prompt template sft.py recorded: the `template` field of the checkpoint's trainer_state.json
+    (or mathsft.json), else the `template` of the data cache meta.json its `data_cache_dir` points to."""
+    for p in (folder / "trainer_state.json", folder / "mathsft.json"):
+        meta = _read_json(p) if p.is_file() else None
+        if meta is None:
+            continue
+        if _find_key(meta, "template"):
+            return _find_key(meta, "template"), str(p)
+        cache = _find_key(meta, "data_cache_dir") or _find_key(meta, "cache_dir")
+        for m in ((Path(cache) / "meta.json", *Path(cache).glob("*/meta.json")) if cache else ()):
+            t = _find_key(_read_json(m) or {}, "template")
+            if t:
+                return t, str(m)
     return None, None
 
 
@@ -492,8 +495,7 @@ def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, b
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         gens = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, temperature=temperature,
-                        top_p=top_p, generator=generator,
-                        should_stop=(lambda r, toks: should_stop(r, toks)) if should_stop else None, pad_id=pad_id)
+                        top_p=top_p, generator=generator, should_stop=should_stop, pad_id=pad_id)
         for i, g in zip(idx, gens):
             text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
             reason = "stop" if stopped else g.finish_reason
@@ -607,8 +609,6 @@ def load_eval_records(name: str, cfg: EvalConfig) -> list[dict]:
 
 def guess_grader_dataset(records: list[dict]) -> str:
     """gsm8k when every gold answer is a plain number, else math (for --dataset_file without --grade_as)."""
-    import re
-
     numeric = re.compile(r"-?[\d,]*\.?\d+")
     return "gsm8k" if records and all(numeric.fullmatch(gold_of(r).strip()) for r in records) else "math"
 
@@ -684,6 +684,8 @@ def check_config(cfg: EvalConfig) -> None:
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """torchrun: one process group (nccl on GPU, gloo on CPU); each rank decodes a shard."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _dist_info()
 

@@ -5,8 +5,8 @@ on CPU. EOS is disabled on both sides so every row generates exactly max_new_tok
 models would otherwise stop at different points). The two are timed alternately in one process; the
 ratio is what to read, not the absolute numbers (the machine is shared).
 
-    python scripts/bench_decode.py --shared ../shared [--batch_size 16] [--max_new_tokens 32]
-        [--qwen_layers 6] [--repeats 3] [--append docs/benchmarks.md]
+    python scripts/bench_decode.py --shared ../shared [--batch_size 16] [--max_new_tokens 128]
+        [--qwen_max_new_tokens 32] [--qwen_layers 4] [--repeats 3] [--append docs/benchmarks.md]
 
 Models: `tiny` (make_tiny llama, 2 layers, hidden 64, its own 512-token BPE) and `qwen-shape`: the
 Qwen2.5-0.5B config (hidden 896, 14/2 heads, intermediate 4864, vocab 151936, tied embeddings, qkv bias)
@@ -89,7 +89,8 @@ def markdown(results: dict, args) -> str:
              "EOS disabled so every row generates max_new_tokens tokens; timed alternately in one process "
              f"(median of {args.repeats} after a warm-up). Prompts: GSM8K test questions in the `boxed` template.",
              "", f"command: `python scripts/bench_decode.py --shared ../shared --batch_size {args.batch_size} "
-             f"--max_new_tokens {args.max_new_tokens} --qwen_layers {args.qwen_layers} --repeats {args.repeats}` "
+             f"--max_new_tokens {args.max_new_tokens} --qwen_max_new_tokens {args.qwen_max_new_tokens} "
+             f"--qwen_layers {args.qwen_layers} --repeats {args.repeats}` "
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, shared 2-core machine)", "",
              "| model | layers | params | batch | new tokens | evalmath tok/s | transformers tok/s | evalmath problems/s "
              "| transformers problems/s | speedup | same tokens |",
@@ -109,8 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="the shared material folder")
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--max_new_tokens", type=int, default=32)
-    ap.add_argument("--qwen_layers", type=int, default=6)
+    ap.add_argument("--max_new_tokens", type=int, default=128, help="for the tiny model")
+    ap.add_argument("--qwen_max_new_tokens", type=int, default=32)
+    ap.add_argument("--qwen_layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["tiny", "qwen-shape"])
     ap.add_argument("--append", type=Path, default=None, help="append the markdown section to this file")
@@ -121,7 +123,8 @@ def main() -> None:
         paths = build_models(args.shared, Path(work), args.qwen_layers)
         results = {}
         for name in args.models:
-            results[name] = bench_one(paths[name], questions, args.batch_size, args.max_new_tokens, args.repeats)
+            new_tokens = args.qwen_max_new_tokens if name == "qwen-shape" else args.max_new_tokens
+            results[name] = bench_one(paths[name], questions, args.batch_size, new_tokens, args.repeats)
             print(json.dumps({name: results[name]}), flush=True)
     md = markdown(results, args)
     print(md)

@@ -256,6 +256,17 @@ def test_template_recorded_in_checkpoint_is_the_default(lora_dirs, shared, tmp_p
     assert r["config"]["protocol"]["template_from"].endswith("trainer_state.json")
 
 
+def test_template_falls_back_to_the_data_cache_meta(tmp_path):
+    ckpt, cache = tmp_path / "job" / "checkpoint-000005", tmp_path / "cache" / "abc123"
+    ckpt.mkdir(parents=True)
+    (cache / "train").mkdir(parents=True)
+    (cache / "train" / "meta.json").write_text(json.dumps({"template": "tulu", "tokenizer": "t"}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 5, "data_cache_dir": str(cache)}))
+    assert evalmath.find_template(ckpt) == ("tulu", str(cache / "train" / "meta.json"))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 5}))
+    assert evalmath.find_template(ckpt) == (None, None)
+
+
 @pytest.mark.slow  # two torchrun workers each import torch + transformers (~40 s on a busy 2-core machine)
 def test_two_process_run_equals_one_process(tiny, shared, tmp_path):
     args = ["--model", str(tiny), "--datasets", "gsm8k", "--data_dir", str(shared / "data"), "--limit", "5",
