@@ -392,8 +392,11 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
         if not base_str:
             raise SystemExit(f"error: {adapter_dir}/{lora.ADAPTER_CONFIG} names no base_model_name_or_path; "
                              "pass --base_model PATH")
+        if not base_model and not Path(base_str).exists() and (REPO / base_str).exists():
+            base_str = str(REPO / base_str)  # a repo-relative path recorded by sft.py, run from elsewhere
         base = _resolve_dir(base_str, "--base_model" if base_model else
-                            f"base_model_name_or_path in {adapter_dir}/{lora.ADAPTER_CONFIG}")
+                            f"base_model_name_or_path in {adapter_dir}/{lora.ADAPTER_CONFIG} (override: "
+                            "--base_model PATH)")
     else:
         base = _resolve_dir(base_model, "--base_model") if base_model else path
     if not (base / "config.json").is_file():
@@ -561,8 +564,8 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
                      shard: bool = True, progress: bool = False) -> tuple[list[dict], dict]:
     """Decode, grade and summarize `records` with an in-memory model; no file I/O.
 
-    template: a data.Template or its name (zero-shot protocols; ignored few-shot). dataset: the grader dataset ("gsm8k" or
-    "math"). Under torch.distributed (and shard=True) each rank decodes records[rank::world] and every rank
+    template: a data.Template or its name (zero-shot protocols; ignored few-shot). dataset: the grader
+    dataset ("gsm8k" or "math"). Under torch.distributed (and shard=True) each rank decodes records[rank::world] and every rank
     gets the merged items (all_gather_object), in record order. Returns (items, summary)."""
     if n_samples > 1 and temperature <= 0:
         raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples are all the same)")
@@ -692,7 +695,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
-    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, extra.pop("stamp"))
+    stamp = extra.pop("stamp")
+    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size")}
