@@ -269,7 +269,8 @@ class EvalConfig:
     output_dir: str = "outputs/eval"
     reports_dir: str = "docs/reports"
     write_report: FlexBool = True
-    run_id: str | None = None  # default: <model>-<protocol>-<YYYYmmdd-HHMMSS>
+    run_name: str | None = None  # replaces the model name in the default run_id
+    run_id: str | None = None  # default: <run_name or model>-<dataset>-<protocol>-<YYYYmmdd-HHMMSS>
     quiet: FlexBool = False
 
 
@@ -658,10 +659,10 @@ def versions() -> dict:
     return out
 
 
-def make_run_id(model: str, dataset: str, protocol: Protocol, stamp: str) -> str:
-    """<model>-<dataset>-<protocol without its dataset prefix>-<YYYYmmdd-HHMMSS>, filename-safe."""
+def make_run_id(model: str, dataset: str, protocol: Protocol, stamp: str, run_name: str | None = None) -> str:
+    """<run_name or model>-<dataset>-<protocol without its dataset prefix>-<YYYYmmdd-HHMMSS>, filename-safe."""
     p = Path(model)
-    name = f"{p.parent.name}-{p.name}" if p.name.startswith("checkpoint-") else p.name
+    name = run_name or (f"{p.parent.name}-{p.name}" if p.name.startswith("checkpoint-") else p.name)
     raw = f"{name}-{dataset}-{protocol.name.split('-', 1)[1].replace('@', '_')}-{stamp}"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in raw)
 
@@ -696,7 +697,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
     stamp = extra.pop("stamp")
-    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp)
+    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size")}

@@ -198,9 +198,10 @@ def test_fewshot_run_and_dataset_file(tiny, tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": str(i)}) + "\n"
                          for i, q in enumerate(QUESTIONS[:3])))
-    res = _run(["--model", str(tiny), "--dataset_file", str(f), "--num_fewshot", "8", "--max_new_tokens", "6"],
-               tmp_path)
+    res = _run(["--model", str(tiny), "--dataset_file", str(f), "--num_fewshot", "8", "--max_new_tokens", "6",
+                "--run_name", "job-before"], tmp_path)
     r = res["mine"]
+    assert r["run_id"].startswith("job-before-mine-8shot-cot-lmeval_v1-")
     assert r["config"]["protocol"]["name"] == "gsm8k-8shot-cot-lmeval@v1"  # numeric golds: graded as gsm8k
     assert [it["id"] for it in r["items"]] == ["q0", "q1", "q2"]
 
