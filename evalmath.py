@@ -329,10 +329,9 @@ def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"error: {flag} {p}: no such file or folder")
-    if p.is_dir() and (p / "latest").is_file() and not (p / "config.json").exists() \
-            and not (p / "adapter_config.json").exists():
-        name = (p / "latest").read_text().strip()  # an sft job folder: its newest complete checkpoint
-        p = p / name
+    latest = p / "latest"  # an sft job folder: `latest` names its newest complete checkpoint
+    if latest.is_file() and (p / latest.read_text().strip()).is_dir():
+        p = p / latest.read_text().strip()
     return p
 
 

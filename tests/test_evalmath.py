@@ -257,6 +257,15 @@ def test_template_recorded_in_checkpoint_is_the_default(lora_dirs, shared, tmp_p
     assert r["config"]["protocol"]["template_from"].endswith("trainer_state.json")
 
 
+def test_sft_job_folder_resolves_to_its_latest_checkpoint(lora_dirs, tiny):
+    adapter, _ = lora_dirs
+    job = adapter.parent
+    (job / "config.json").write_text(json.dumps({"learning_rate": 1e-3}))  # sft's run config, not a model
+    (job / "latest").write_text(adapter.name + "\n")
+    src = evalmath.resolve_model(str(job))
+    assert (src.base, src.adapter, src.template) == (tiny, adapter, "plain")
+
+
 def test_template_falls_back_to_the_data_cache_meta(tmp_path):
     ckpt, cache = tmp_path / "job" / "checkpoint-000005", tmp_path / "cache" / "abc123"
     ckpt.mkdir(parents=True)
