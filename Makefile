@@ -7,7 +7,7 @@ MODE ?= lora
 DATA_DIR ?=
 DATASETS ?=
 
-.PHONY: install test test-all lint demo preprocess train eval bench clean
+.PHONY: install test test-all lint demo preprocess train eval bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,19 @@ train: install
 eval: install
 	$(PY) evalmath.py --config configs/eval.yaml $(ARGS)
 
+# Peers for the side-by-side benchmarks live in their own venv (never project dependencies). If the
+# install fails, `make bench` still runs and reports the missing peer in its table.
+PEERS := bench/.venv-peers
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q $(TORCH_PIN)
+	$(PEERS)/bin/python -m pip install -q "$(TORCH_PIN)" transformers peft trl accelerate datasets
+	touch $@
+
+bench-peers: $(PEERS)/.installed
+
 bench: install
+	-$(MAKE) bench-peers
 	$(PY) scripts/bench.py $(ARGS)
 
 clean:

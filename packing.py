@@ -153,7 +153,9 @@ class PackedLoader:
         width = self.seq_len if self.packing else max(1, max(int(self.lengths[r].sum()) for r in mine))
         cols = list(zip(*(self._fill(r, width) for r in mine)))
         names = ("input_ids", "labels", "position_ids", "doc_ids")
-        return {k: torch.from_numpy(np.stack(c)) for k, c in zip(names, cols)}
+        out = {k: torch.from_numpy(np.stack(c)) for k, c in zip(names, cols)}
+        out["real_tokens"] = torch.tensor([int(self.lengths[r].sum()) if len(r) else 0 for r in mine])  # non-pad
+        return out
 
     def __iter__(self):
         """Yield the remaining batches of the current epoch, then move to the next epoch."""

@@ -956,13 +956,13 @@ def forward_loss_sum(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
     if chunk <= 0:
         loss = F.cross_entropy(out.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
-        return loss, int(b["input_ids"].numel())
+        return loss, int(b["real_tokens"].sum())  # real (non-pad) tokens
     keep = b["labels"] != IGNORE_INDEX
     h, y = out[keep], b["labels"][keep]
     loss = out.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
     for i in range(0, len(y), chunk):
         loss = loss + checkpoint(_ce_chunk, run, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-    return loss, int(b["input_ids"].numel())
+    return loss, int(b["real_tokens"].sum())  # real (non-pad) tokens
 
 
 def _ce_chunk(run: Run, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1202,7 +1202,8 @@ def _loop(run: Run, stop: StopFlag) -> None:
                     f"grad norm {res['grad_norm']:.3f} | {res['tokens'] / dt:,.0f} tok/s | "
                     f"epoch {st.step / data.updates_per_epoch:.2f} | ETA {_fmt_time(eta)}")
             run.log.metrics({"step": st.step, "loss": res["loss"], "lr": res["lr"], "grad_norm": res["grad_norm"],
-                             "tokens_per_s": res["tokens"] / dt, "label_tokens": res["label_tokens"],
+                             "tokens": res["tokens"], "tokens_per_s": res["tokens"] / dt,
+                             "label_tokens": res["label_tokens"],
                              "epoch": st.step / data.updates_per_epoch})
         _test_kill(st.step, during_save=False)
         early = cfg.eval_steps > 0 and (st.step % cfg.eval_steps == 0 or st.step == data.total_steps) \
