@@ -786,7 +786,8 @@ def _corpus_lines(files: list[Path]) -> list[str]:
     return lines
 
 
-def _train_tiny_tokenizer(out: Path, seed: int, corpus: list[Path] = (), vocab_size: int = 512):
+def _train_tiny_tokenizer(out: Path, seed: int, corpus: list[Path] = (), vocab_size: int = 512,
+                          split_digits: bool = True):
     """A byte-level BPE (digits split individually) trained on a small built-in corpus (plus the given corpus
     files), saved so that transformers.AutoTokenizer loads it. Specials: <|endoftext|> (eos/pad), <|im_start|>,
     <|im_end|>."""
@@ -805,8 +806,9 @@ def _train_tiny_tokenizer(out: Path, seed: int, corpus: list[Path] = (), vocab_s
     lines += _corpus_lines(list(corpus))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -828,6 +830,7 @@ class MakeTiny:
     tokenizer: Path | None = None  # copy this tokenizer folder; default: train a small byte-level BPE
     tokenizer_corpus: tuple[Path, ...] = ()  # text/jsonl files the small BPE also learns from (no --tokenizer)
     tokenizer_vocab: int = 512  # vocabulary size of that BPE
+    split_digits: bool = True  # that BPE splits numbers into single digits (False: frequent numbers are one token)
     seed: int = 0
     hidden: int = 64
     layers: int = 2
@@ -874,7 +877,8 @@ def _make_tiny(cfg: MakeTiny, extra: dict | None = None) -> Path:
         if (src / "generation_config.json").is_file():
             gen_cfg = read_json(src / "generation_config.json")
     else:
-        tok = _train_tiny_tokenizer(out, cfg.seed, [Path(c) for c in cfg.tokenizer_corpus], cfg.tokenizer_vocab)
+        tok = _train_tiny_tokenizer(out, cfg.seed, [Path(c) for c in cfg.tokenizer_corpus], cfg.tokenizer_vocab,
+                                    cfg.split_digits)
     vocab = cfg.vocab or -(-len(tok) // 64) * 64
     if vocab < len(tok):
         raise ValueError(f"--vocab {vocab} is smaller than the tokenizer's {len(tok)} tokens")

@@ -1,6 +1,6 @@
 """Synthetic multi-step arithmetic word problems in GSM8K format (the embedded default data set).
 
-Each problem has two or three steps of two-digit addition/subtraction; every intermediate value stays
+Each problem has two steps of two-digit addition/subtraction; every intermediate value stays
 in [0, 99]. Rows are GSM8K-shaped: {"question", "answer"} where the answer is a short rationale ending
 in a final line "#### N", so data.py reads them exactly like the official GSM8K files.
 
@@ -23,34 +23,34 @@ GAIN = [("buys", "more"), ("finds", "more"), ("gets", "from a friend"), ("wins",
 LOSS = [("gives away", ""), ("sells", ""), ("loses", ""), ("eats", "")]
 
 
-def _step(rng: random.Random, value: int) -> tuple[str, int, int]:
+def _step(rng: random.Random, value: int, max_amount: int) -> tuple[str, int, int]:
     """One operation on `value` that keeps the result in [0, 99]: returns (op, amount, result)."""
-    can_add = value <= 89
-    can_sub = value >= 10
+    can_add = value + 1 <= 99
+    can_sub = value >= 1
     op = rng.choice(["+", "-"] if can_add and can_sub else ["+"] if can_add else ["-"])
     if op == "+":
-        amount = rng.randint(1, 99 - value)
+        amount = rng.randint(1, min(max_amount, 99 - value))
         return op, amount, value + amount
-    amount = rng.randint(1, value)
+    amount = rng.randint(1, min(max_amount, value))
     return op, amount, value - amount
 
 
-def make_problem(rng: random.Random) -> dict:
+def make_problem(rng: random.Random, max_amount: int = 9) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = rng.randint(10, 99)
-    n_steps = rng.choice([2, 3])
+    n_steps = 2
     sentences = [f"{name} has {start} {item}."]
-    lines = [f"{name} starts with {start} {item}."]
+    lines = []
     value = start
     for _ in range(n_steps):
-        op, amount, result = _step(rng, value)
+        op, amount, result = _step(rng, value, max_amount)
         verb, tail = rng.choice(GAIN if op == "+" else LOSS)
         extra = f" {tail}" if tail else ""
         sentences.append(f"Then {name} {verb} {amount}{extra}.")
-        lines.append(f"{name} {verb} {amount}, so {value} {op} {amount} = {result}.")
+        lines.append(f"{value} {op} {amount} = {result}.")
         value = result
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    answer = "\n".join(lines) + f"\n#### {value}"
+    answer = " ".join(lines) + f"\n#### {value}"
     return {"question": question, "answer": answer}
 
 
