@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
-MODE ?= lora
+MODE ?= full
 DATA_DIR ?=
 DATASETS ?=
 
