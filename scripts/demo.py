@@ -40,7 +40,7 @@ TRAIN = {  # measured: full reaches >= 90% on held-out problems in ~600 steps (d
 }
 PRESETS = {  # sizes of the default demo and of the CI-sized one that tests/test_demo.py runs
     "default": {"n_train": 20000, "n_test": 500, "steps": 700, "every": 100, "eval_samples": 200},
-    "ci": {"n_train": 4000, "n_test": 100, "steps": 150, "every": 75, "eval_samples": 50},
+    "ci": {"n_train": 8000, "n_test": 100, "steps": 300, "every": 150, "eval_samples": 50},
 }
 
 
