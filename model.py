@@ -729,7 +729,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         return outs
     cache = KVCache(model.args, B, P + max_new_tokens, device=device, dtype=dtype)
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(ids, position_ids=pos, cache=cache, key_padding_mask=valid)[:, -1]
+    # prefill: the head only on the last position (full-prompt logits would be [B, P, vocab]: GBs for Qwen)
+    hidden = model(ids, position_ids=pos, cache=cache, key_padding_mask=valid, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1])
     next_pos = pos[:, -1:] + 1
     rows = list(range(B))  # batch row -> prompt index
     for step in range(max_new_tokens):
