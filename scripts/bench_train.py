@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-WORK = REPO / "bench" / "work"
+WORK = REPO / "bench" / "runs"
 PEERS_PY = REPO / "bench" / ".venv-peers" / "bin" / "python"
 
 # Runs a command and prints the peak RSS of that command's process tree (children), in MiB.
@@ -77,12 +77,12 @@ def run_ours(model_dir: Path, exported: Path, mode: str, a) -> dict:
     job = f"bench-{mode}"
     cmd = ["sft.py", "--model_name_or_path", str(model_dir), "--train_files", str(exported.with_suffix(".src.jsonl")),
            "--template", "plain", "--max_seq_length", str(a.seq), "--per_device_train_batch_size", str(a.batch),
-           "--max_steps", str(a.steps), "--logging_steps", "1", "--save_strategy", "no", "--output_dir", str(WORK / "runs"),
+           "--max_steps", str(a.steps), "--logging_steps", "1", "--save_strategy", "no", "--output_dir", str(WORK / "jobs"),
            "--job_name", job, "--overwrite_output_dir", "true", "--num_threads", str(a.threads),
            "--valid_fraction", "0", "--learning_rate", "1e-3", "--use_lora", "true" if mode == "lora" else "false",
            "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--data_cache_dir", str(WORK / "processed")]
     out, rss = sh([sys.executable, *cmd], env={"OMP_NUM_THREADS": str(a.threads)})
-    rows = [json.loads(x) for x in (WORK / "runs" / job / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (WORK / "jobs" / job / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][a.warmup:]
     real = sum(r["tokens"] for r in rows)  # sft.py logs real (non-pad) tokens per step
     secs = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
