@@ -48,15 +48,19 @@ def last_json(out: str) -> dict:
     return json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
 
 
-def setup(n_examples: int, seq: int, hidden: int, layers: int) -> tuple[Path, Path]:
-    """A ~5M-parameter Llama with a BPE trained on GSM8K text, and the exported token ids."""
+def setup(n_examples: int, seq: int, hidden: int, layers: int, shape: str = "tiny") -> tuple[Path, Path]:
+    """The model (a ~5M-parameter Llama with a BPE trained on GSM8K text, or a random-init model of the real
+    Qwen2.5-0.5B shape with its tokenizer) and the exported token ids."""
     import numpy as np
 
     import data
     from model import make_tiny
 
     shared = REPO.parent / "shared" / "data"
-    model_dir = WORK / f"llama-h{hidden}-l{layers}"
+    model_dir = WORK / (f"llama-h{hidden}-l{layers}" if shape == "tiny" else "qwen2.5-0.5b-shape")
+    if shape == "qwen0.5b" and not (model_dir / "config.json").exists():  # the real config's sizes
+        make_tiny(model_dir, arch="qwen2", seed=0, tokenizer=REPO.parent / "shared" / "models" / "qwen2.5-0.5b",
+                  hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)
     if not (model_dir / "config.json").exists():
         make_tiny(model_dir, arch="llama", seed=0, hidden=hidden, layers=layers, heads=4, kv_heads=4,
                   tokenizer_corpus=[str(shared / "gsm8k" / "train.jsonl")])
@@ -106,19 +110,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--shape", choices=["tiny", "qwen0.5b"], default="tiny",
+                    help="qwen0.5b: random-init model of the real Qwen2.5-0.5B shape (494M parameters)")
+    ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--peers", action="store_true", help="also run transformers Trainer and TRL (peer venv)")
     ap.add_argument("--out", default="", help="append the table to this markdown file")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    model_dir, exported = setup(a.examples, a.seq, a.hidden, a.layers)
+    model_dir, exported = setup(a.examples, a.seq, a.hidden, a.layers, a.shape)
     # sft.py reads raw jsonl: hand it the same GSM8K rows the export came from
     src = exported.with_suffix(".src.jsonl")
     rows = (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[:a.examples]
     src.write_text("\n".join(rows) + "\n")
 
     results: dict[tuple[str, str], dict] = {}
-    for mode in ("lora", "full"):
+    for mode in a.modes:
         results[("bare", mode)] = run_bare(model_dir, exported, mode, a)
         results[("ours", mode)] = run_ours(model_dir, exported, mode, a)
         if a.peers:
@@ -150,7 +157,9 @@ def render(results: dict, a) -> str:
     lines = [f"### Training throughput ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
              f"{a.threads} thread(s), torch {torch.__version__})", "",
              f"`python scripts/bench_train.py --steps {a.steps} --batch {a.batch} --seq {a.seq} --threads {a.threads}"
-             f"{' --peers' if a.peers else ''}`: ~{a.hidden}-wide {a.layers}-layer Llama, GSM8K train, `plain` template, "
+             f"{' --peers' if a.peers else ''} --shape {a.shape}`: "
+             + (f"~{a.hidden}-wide {a.layers}-layer Llama" if a.shape == "tiny" else "Qwen2.5-0.5B shape, random init")
+             + f", GSM8K train, `plain` template, "
              f"batch {a.batch} x {a.seq}; first {a.warmup} steps excluded.", "",
              "| runner | mode | real tokens/s | vs bare loop | peak RSS MiB | last loss |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
