@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import shard_state_dict
+
 MANIFEST = "manifest.json"
 STATE_INDEX = "state.index.json"
 TRAINER_STATE = "trainer_state.json"
@@ -329,15 +331,7 @@ def save_hf_weights(state_dict: dict[str, torch.Tensor], folder: Path, hf_config
           for k, v in state_dict.items()}
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in sd:
         del sd["lm_head.weight"]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
+    shards = shard_state_dict(sd, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
