@@ -10,6 +10,15 @@ the identity. Adapters are saved the way PEFT saves them (`adapter_model.safeten
 `base_model.model.<module path>.lora_A.weight`, `adapter_config.json`) and the config uses only keys that
 peft 0.7.1 (the version LESS pins) accepts, so LESS, current peft and this file all read them.
 
+`modules_to_save` (PEFT's feature of that name) trains whole modules next to the adapters, e.g. the
+embeddings, the output head and the RMSNorms of a base that needs them trained. A module is chosen the way
+PEFT chooses it: its name ends with one of the strings (`norm` picks every RMSNorm, `embed_tokens` the
+embeddings). Its parameters are trained in place (PEFT trains a copy and keeps the original for disabling
+the adapter; the saved adapter and a merged model are the same) and saved in the adapter file under PEFT's
+keys, `base_model.model.<module path>.weight`. On a model with tied embeddings `embed_tokens` and `lm_head`
+are one weight: naming either trains it, and the adapter holds it under both keys with both names in its
+config (PEFT with ensure_weight_tying writes the same two keys; PEFT without it loads two equal copies).
+
     cfg = LoraConfig(r=8, alpha=16)
     inject_lora(model, cfg)                    # targets -> LoRALinear, everything else frozen
     ... train ...
@@ -54,11 +63,17 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False  # scaling alpha/sqrt(r); written to the config only when True (not LESS-readable)
+    modules_to_save: tuple[str, ...] = ()  # whole modules trained and saved with the adapter (PEFT matching)
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save or ())
+        if any(not m for m in self.modules_to_save):
+            raise ValueError("LoraConfig.modules_to_save holds an empty name")
         if self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -172,10 +187,44 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def matches_modules_to_save(name: str, modules_to_save) -> bool:
+    """PEFT's rule: a module is saved when its name ends with one of the strings."""
+    name = _clean_fqn(name)
+    return any(name.endswith(m) for m in modules_to_save)
+
+
+def effective_modules_to_save(modules_to_save, tied_embeddings: bool) -> tuple[str, ...]:
+    """With tied embeddings, naming embed_tokens or lm_head names the one shared weight: add the other."""
+    mts = tuple(modules_to_save or ())
+    if tied_embeddings and any("lm_head".endswith(m) or "model.embed_tokens".endswith(m) for m in mts):
+        mts += tuple(m for m in ("embed_tokens", "lm_head") if m not in mts)
+    return mts
+
+
+def saved_modules(model: nn.Module, cfg: LoraConfig) -> dict[str, nn.Module]:
+    """{name: module} chosen by `cfg.modules_to_save` (outermost match only; wrapper infixes removed)."""
+    out: dict[str, nn.Module] = {}
+    mts = effective_modules_to_save(cfg.modules_to_save, _tied_embeddings(model))
+    for name, m in model.named_modules():
+        clean = _clean_fqn(name)
+        if (name and matches_modules_to_save(clean, mts)
+                and not any(clean.startswith(o + ".") for o in out)):
+            out[clean] = m
+    return out
+
+
+def _tied_embeddings(model: nn.Module) -> bool:
+    emb = next((m for n, m in model.named_modules() if n.endswith("embed_tokens")), None)
+    head = next((m for n, m in model.named_modules() if _clean_fqn(n) == "lm_head"), None)
+    return emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
+
+
 def inject_lora(model: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every nn.Linear whose leaf name is in `cfg.target_modules` by a LoRALinear (in place) and
-    freeze every other parameter. `lm_head` is targeted only when listed; embeddings never are.
-    `dtype`: adapter dtype (default: that of the base weight). Returns the replaced module names."""
+    freeze every other parameter, except those of the modules chosen by `cfg.modules_to_save` (trained
+    whole). `lm_head` is targeted only when listed; embeddings never are (save them instead).
+    `dtype`: adapter dtype (default: that of the base weight); the saved modules are cast to it too, so a
+    bf16 base gets fp32 trainable weights. Returns the replaced module names."""
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; inject_lora once per model (or merge_and_unload first)")
     targets = set(cfg.target_modules)
@@ -187,6 +236,19 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = N
         seen = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         raise ValueError(f"LoRA target_modules {sorted(targets)} matched no nn.Linear in "
                          f"{type(model).__name__}; its Linear leaf names are {seen}. Pick some of these.")
+    saved = saved_modules(model, cfg) if cfg.modules_to_save else {}
+    if cfg.modules_to_save:
+        every = [_clean_fqn(n) for n, _ in model.named_modules() if n]
+        found = {m for m in cfg.modules_to_save if any(n.endswith(m) for n in every)}
+        if found != set(cfg.modules_to_save):
+            raise ValueError(f"LoRA modules_to_save {sorted(set(cfg.modules_to_save) - found)} matched no module "
+                             f"of {type(model).__name__} (a module is saved when its name ends with the string, "
+                             "e.g. embed_tokens, lm_head, norm)")
+        clash = [n for n in saved if any(c == n or c.startswith(n + ".") or n.startswith(c + ".")
+                                         for c in map(_clean_fqn, chosen))]
+        if clash:
+            raise ValueError(f"modules {clash[:4]} are both LoRA targets (or hold one) and in modules_to_save; "
+                             "a module is either adapted or trained whole")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -194,7 +256,12 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = N
         parent = model.get_submodule(parent_name)
         setattr(parent, leaf, LoRALinear.from_linear(getattr(parent, leaf), cfg.r, cfg.alpha, cfg.dropout,
                                                      cfg.use_rslora, lora_dtype=dtype))
-    return chosen
+    for m in saved.values():
+        if dtype is not None:
+            m.to(dtype)
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return chosen  # (Module.to keeps the Parameter objects, so a tied lm_head stays tied)
 
 
 def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
@@ -269,6 +336,14 @@ def _is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
+def _is_saved_key(key: str, modules_to_save) -> bool:
+    """A parameter FQN (`model.norm.weight`) that lies in a module chosen by modules_to_save."""
+    if not modules_to_save or _is_lora_key(key):
+        return False
+    parts = _clean_fqn(key).split(".")[:-1]
+    return any(matches_modules_to_save(".".join(parts[:i]), modules_to_save) for i in range(1, len(parts) + 1))
+
+
 def peft_file_key(fqn: str) -> str:
     """Our FQN `model.layers.0.self_attn.q_proj.lora_A.weight` -> the adapter file key
     `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (no adapter name)."""
@@ -286,39 +361,57 @@ def peft_param_name(fqn: str) -> str:
 
 
 def _fqn_from_peft_key(key: str) -> str:
-    """Adapter file key (with or without `.default.`) -> our FQN."""
+    """Adapter file key (with or without `.default.`; a saved module's key with or without PEFT's
+    `.modules_to_save.default.` wrapper infix) -> our FQN."""
     key = key.replace(f".lora_A.{PEFT_ADAPTER_NAME}.", ".lora_A.").replace(
-        f".lora_B.{PEFT_ADAPTER_NAME}.", ".lora_B.")
+        f".lora_B.{PEFT_ADAPTER_NAME}.", ".lora_B.").replace(f".modules_to_save.{PEFT_ADAPTER_NAME}.", ".")
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def adapter_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT file keys, detached, on CPU, contiguous. Takes a model or a state
-    dict keyed by our FQNs (e.g. the full adapter state dict gathered on rank 0 under FSDP2)."""
-    sd = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
-          else model_or_state_dict)
-    out = {}
+def adapter_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+                       modules_to_save=(), tied_embeddings: bool | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors (lora_A/lora_B, plus the parameters of the modules chosen by `modules_to_save`)
+    under PEFT file keys, detached, on CPU, contiguous. Takes a model or a state dict keyed by our FQNs (e.g.
+    the trainable tensors gathered on rank 0 under FSDP2). `tied_embeddings` (a state dict only; a model is
+    inspected): lm_head is embed_tokens, so a saved embedding is written under `lm_head.weight` too."""
+    if isinstance(model_or_state_dict, nn.Module):
+        tied_embeddings = _tied_embeddings(model_or_state_dict)
+        sd = model_or_state_dict.state_dict()  # tied: both keys
+    else:
+        sd = dict(model_or_state_dict)
+    modules_to_save = effective_modules_to_save(modules_to_save, bool(tied_embeddings))
+    if tied_embeddings and "lm_head.weight" not in sd:
+        emb = next((k for k in sd if _clean_fqn(k).endswith("embed_tokens.weight")
+                    and _is_saved_key(k, modules_to_save)), None)
+        if emb is not None:
+            sd["lm_head.weight"] = sd[emb]
+    out, seen = {}, set()
     for k, v in sd.items():
-        if not _is_lora_key(k):
+        if not (_is_lora_key(k) or _is_saved_key(k, modules_to_save)):
             continue
         if type(v) is not torch.Tensor and hasattr(v, "full_tensor"):
             raise TypeError(f"adapter tensor {k} is a DTensor; gather first with get_model_state_dict(model, "
                             "options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
                             "ignore_frozen_params=True))")
-        out[peft_file_key(k)] = v.detach().to("cpu").contiguous()
+        t = v.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen:  # a tied weight under two keys: safetensors wants separate storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[peft_file_key(k)] = t
     if not out:
         raise ValueError("no lora_A/lora_B tensors found: call inject_lora(model, cfg) before saving an adapter")
     return out
 
 
 def adapter_config_dict(cfg: LoraConfig, base_model_name_or_path: str,
-                        target_modules: list[str] | None = None) -> dict:
+                        target_modules: list[str] | None = None, modules_to_save=None) -> dict:
     """adapter_config.json content: only keys peft 0.7.1 accepts (plus use_rslora, only when True)."""
     d = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": list(target_modules or cfg.target_modules),
-        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": list(modules_to_save or cfg.modules_to_save) or None,
+        "init_lora_weights": True,
     }
     if cfg.use_rslora:
         d["use_rslora"] = True  # peft >= 0.8 only: LESS (peft 0.7.1) cannot read such an adapter
@@ -326,21 +419,32 @@ def adapter_config_dict(cfg: LoraConfig, base_model_name_or_path: str,
 
 
 def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg: LoraConfig,
-                 out_dir: str | Path, base_model_name_or_path: str) -> Path:
+                 out_dir: str | Path, base_model_name_or_path: str, tied_embeddings: bool | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT format) into out_dir.
-    target_modules in the config are the leaf names actually adapted (from the tensors)."""
-    sd = adapter_state_dict(model_or_state_dict)
+    target_modules in the config are the leaf names actually adapted (from the tensors); the parameters of
+    `cfg.modules_to_save` go into the same file (see adapter_state_dict for `tied_embeddings`)."""
+    if isinstance(model_or_state_dict, nn.Module):
+        tied_embeddings = _tied_embeddings(model_or_state_dict)
+    mts = effective_modules_to_save(cfg.modules_to_save, bool(tied_embeddings))
+    sd = adapter_state_dict(model_or_state_dict, mts, tied_embeddings)
+    saved_keys = [_fqn_from_peft_key(k) for k in sd if not _is_lora_key(k)]
+    lost = [m for m in mts if not any(_is_saved_key(k, [m]) for k in saved_keys)]
+    if lost:
+        raise ValueError(f"modules_to_save {lost} have no tensors in what was given to save_adapter; pass the "
+                         "model, or a state dict holding those modules' parameters")
     for k, v in sd.items():
+        if not _is_lora_key(k):
+            continue
         r = v.shape[0] if ".lora_A." in k else v.shape[1]
         if r != cfg.r:
             raise ValueError(f"adapter tensor {k} has rank {r} but LoraConfig.r={cfg.r}; pass the config "
                              "the model was injected with")
-    leaves = {k.split(".")[-3] for k in sd}  # ...q_proj.lora_A.weight -> q_proj
+    leaves = {k.split(".")[-3] for k in sd if _is_lora_key(k)}  # ...q_proj.lora_A.weight -> q_proj
     targets = [t for t in cfg.target_modules if t in leaves] + sorted(leaves - set(cfg.target_modules))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = adapter_config_dict(cfg, base_model_name_or_path, targets)
+    config = adapter_config_dict(cfg, base_model_name_or_path, targets, mts)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -356,7 +460,8 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, str | None
         raise ValueError(f"{path}: peft_type is {d.get('peft_type')!r}, only 'LORA' adapters are supported")
     unsupported = {
         "bias": d.get("bias", "none") != "none", "fan_in_fan_out": bool(d.get("fan_in_fan_out")),
-        "modules_to_save": bool(d.get("modules_to_save")), "layers_to_transform": d.get("layers_to_transform") is not None,
+        "modules_to_save (not a list)": d.get("modules_to_save") is not None and not isinstance(
+            d.get("modules_to_save"), list), "layers_to_transform": d.get("layers_to_transform") is not None,
         "rank_pattern": bool(d.get("rank_pattern")), "alpha_pattern": bool(d.get("alpha_pattern")),
         "use_dora": bool(d.get("use_dora")), "target_modules (regex string)": isinstance(d.get("target_modules"), str),
         "lora_bias": bool(d.get("lora_bias")), "layer_replication": bool(d.get("layer_replication")),
@@ -366,17 +471,18 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, str | None
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{path}: unsupported LoRA options {bad}; lora.py handles plain LoRA on nn.Linear "
-                         "(bias none, no fan_in_fan_out/modules_to_save/patterns/DoRA, target_modules a list)")
+                         "(bias none, no fan_in_fan_out/patterns/DoRA, target_modules and modules_to_save lists)")
     cfg = LoraConfig(r=int(d["r"]), alpha=d["lora_alpha"], dropout=float(d.get("lora_dropout") or 0.0),
-                     target_modules=tuple(d["target_modules"]), use_rslora=bool(d.get("use_rslora", False)))
+                     target_modules=tuple(d["target_modules"]), use_rslora=bool(d.get("use_rslora", False)),
+                     modules_to_save=tuple(d.get("modules_to_save") or ()))
     return cfg, d.get("base_model_name_or_path")
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a PEFT-format adapter onto `model` (its base). Injects LoRA from the adapter's config unless the
-    model already has LoRA layers. File keys may carry `.default.` or not. Errors name every missing,
-    unexpected or mis-shaped tensor."""
+    model already has LoRA layers. File keys may carry `.default.` or not. The modules_to_save tensors
+    overwrite those modules' weights in place. Errors name every missing, unexpected or mis-shaped tensor."""
     adapter_dir = Path(adapter_dir)
     cfg, _ = read_adapter_config(adapter_dir)
     modules = lora_modules(model)
@@ -394,6 +500,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype |
         raise FileNotFoundError(f"{path} not found (only safetensors adapters are read)")
     theirs = {_fqn_from_peft_key(k): v for k, v in load_file(str(path)).items()}
     ours = {_clean_fqn(n): p for n, p in model.named_parameters() if _is_lora_key(n)}
+    mts = effective_modules_to_save(cfg.modules_to_save, _tied_embeddings(model))
+    if mts:  # state_dict(keep_vars) lists a tied lm_head.weight too
+        ours |= {_clean_fqn(n): p for n, p in model.state_dict(keep_vars=True).items() if _is_saved_key(n, mts)}
     missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     shapes = [f"{k}: file {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}"
               for k in sorted(ours.keys() & theirs.keys()) if theirs[k].shape != ours[k].shape]
@@ -401,6 +510,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype |
         raise ValueError(f"{path} does not fit this model: {len(missing)} missing {missing[:4]}, "
                          f"{len(unexpected)} unexpected {unexpected[:4]}, {len(shapes)} shape mismatches "
                          f"{shapes[:4]}. Was the adapter trained on this base model and architecture?")
+    first: dict[int, str] = {}
     for k, p in ours.items():
+        if id(p) in first and not torch.equal(theirs[k].to(p.dtype), theirs[first[id(p)]].to(p.dtype)):
+            raise ValueError(f"{path}: {first[id(p)]} and {k} differ but are one (tied) weight in this model; the "
+                             "adapter was trained with untied copies (PEFT without ensure_weight_tying)")
+        first.setdefault(id(p), k)
         p.copy_(theirs[k])
     return model

@@ -94,6 +94,8 @@ class Config:
     lora_dropout: float = 0.05  # dropout on the LoRA branch input
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj")
+    lora_modules_to_save: tuple[str, ...] = ()  # whole modules trained (and saved in the adapter) next to LoRA,
+    # PEFT's modules_to_save: a module whose name ends with a string, e.g. embed_tokens lm_head norm (not in LESS mode)
     save_merged: Bool = False  # LoRA: also write the merged model (HF format) into each checkpoint/merged/
     # --- data (passed to data.prepare; see docs/data.md)
 
@@ -341,6 +343,9 @@ def check_config(cfg: Config) -> list[str]:
         errors.append(f"--percentage must be in (0, 1], got {cfg.percentage}")
     if cfg.metric_for_best == "accuracy" and cfg.eval_accuracy_samples <= 0 and cfg.eval_steps > 0:
         errors.append("--metric_for_best accuracy needs --eval_accuracy_samples N > 0")
+    if cfg.less_compat and cfg.lora_modules_to_save:
+        errors.append("--lora_modules_to_save is not available in LESS mode: LESS reads adapters without "
+                      "embedding/lm_head/norm weights and keys optimizer.bin by LoRA parameter names only")
     if cfg.early_stopping_patience and not cfg.eval_steps:
         errors.append("--early_stopping_patience needs --eval_steps N > 0")
     if errors:
@@ -469,8 +474,12 @@ def build_model(cfg: Config, d: Dist, hf_config: dict, device: str | torch.devic
     lcfg = None
     if cfg.use_lora:
         lcfg = lora.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               target_modules=tuple(cfg.lora_target_modules))
-        lora.inject_lora(model, lcfg, dtype=torch.float32)
+                               target_modules=tuple(cfg.lora_target_modules),
+                               modules_to_save=tuple(cfg.lora_modules_to_save))
+        try:  # adapters and saved modules in fp32 (trained), the frozen base in the compute dtype
+            lora.inject_lora(model, lcfg, dtype=torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     if d.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -825,7 +834,8 @@ def write_weights(run: Run, folder: Path) -> None:
     if cfg.use_lora:
         adapter = _full_trainable(run)
         if d.main:
-            lora.save_adapter(adapter, run.lcfg, folder, base_model_name_or_path=base_model_ref(cfg))
+            lora.save_adapter(adapter, run.lcfg, folder, base_model_name_or_path=base_model_ref(cfg),
+                              tied_embeddings=bool(run.hf_config.get("tie_word_embeddings")))
         if cfg.save_merged:
             full = _full_model_state(run)
             if d.main:
@@ -936,16 +946,19 @@ def resume(run: Run, where: str) -> bool:
 
 def _autocast(run: Run):
     """Single-process bf16 full fine-tuning computes under autocast (FSDP2 uses its mp_policy instead,
-    and LoRA keeps the frozen base in bf16 already)."""
-    on = run.d.world == 1 and not run.cfg.use_lora and precision_dtype(run.cfg, run.d) == torch.bfloat16
+    and LoRA keeps the frozen base in bf16 already; LoRA with --lora_modules_to_save has fp32 embeddings/norms
+    next to the bf16 base, so it uses autocast too)."""
+    mixed = not run.cfg.use_lora or bool(run.cfg.lora_modules_to_save)
+    on = run.d.world == 1 and mixed and precision_dtype(run.cfg, run.d) == torch.bfloat16
     return torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def forward_loss_sum(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies of one micro-batch (labels are pre-shifted by packing.py).
 
-    With --loss_chunk_tokens N > 0 only the completion positions go through lm_head, N at a time, each chunk
-    recomputed in backward (activation checkpointing): the [tokens, vocab] logits never exist at once."""
+    With --loss_chunk_tokens N > 0 only the completion positions go through lm_head, N at a time, through
+    model.linear_cross_entropy (gradients computed in the forward pass, chunk by chunk) or, when the head is
+    LoRA-targeted, checkpointed chunks: either way the [tokens, vocab] logits never exist at once."""
     from data import IGNORE_INDEX
 
     b = {k: v.to(run.d.device, non_blocking=True) for k, v in batch.items()}
@@ -960,7 +973,15 @@ def forward_loss_sum(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
     keep = b["labels"] != IGNORE_INDEX
     h, y = out[keep], b["labels"][keep]
     loss = out.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
-    for i in range(0, len(y), chunk):
+    head = run.model.lm_head
+    if type(head) is torch.nn.Linear and head.bias is None and not _is_dtensor(head.weight):
+        with _autocast(run):  # the matmul dtype autocast would use
+            cdt = torch.bfloat16 if torch.is_autocast_enabled(run.d.device.type) else head.weight.dtype
+        from model import linear_cross_entropy
+
+        loss = loss + linear_cross_entropy(h, head.weight, y, chunk, cdt)  # fused: no recompute in backward
+        return loss, int(b["real_tokens"].sum())
+    for i in range(0, len(y), chunk):  # a LoRA-targeted head: checkpointed chunks through the module
         loss = loss + checkpoint(_ce_chunk, run, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
     return loss, int(b["real_tokens"].sum())  # real (non-pad) tokens
 

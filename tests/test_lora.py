@@ -374,3 +374,117 @@ def test_reset_under_fsdp2_matches_single_process(tmp_path):
     for k in expected:
         assert torch.equal(gathered[k], expected[k]), k
     lora.save_adapter(gathered, LoraConfig(r=3, alpha=6), tmp_path / "adapter", base_model_name_or_path="base")
+
+
+# ----------------------------------------------------------------------------- modules_to_save (PEFT's feature)
+
+MTS = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=("embed_tokens", "lm_head", "norm"))
+MTS_KEYS = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            *(f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm"))}
+
+
+def _tied(model) -> bool:
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _train_steps(model, n=2):
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)], lr=1e-2)
+    model.train()
+    for _ in range(n):
+        loss = F.cross_entropy(logits(model, IDS[:, :-1]).flatten(0, 1), IDS[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_modules_to_save_train_save_load_merge(base, tmp_path):
+    model = base.load()
+    tied = _tied(model)
+    lora.inject_lora(model, MTS)
+    assert _tied(model) == tied  # injection keeps a tied head tied
+    trainable = {n for n, _ in lora.trainable_parameters(model)}
+    lora_names = {n for n in trainable if ".lora_" in n}
+    assert trainable - lora_names == MTS_KEYS - ({"lm_head.weight"} if tied else set())  # tied: one Parameter
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_steps(model)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if ".lora_" in k} | MTS_KEYS  # nothing else of the base moved
+    with torch.no_grad():
+        trained = logits(model, IDS)
+
+    lora.save_adapter(model, MTS, tmp_path / "a", base_model_name_or_path=str(base.dir))
+    files = load_file(str(tmp_path / "a" / lora.ADAPTER_WEIGHTS))
+    assert {k for k in files if ".lora_" not in k} == {"base_model.model." + k for k in MTS_KEYS}  # PEFT's keys
+    config = json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head", "norm"] and set(config) <= lora.PEFT_071_KEYS
+    assert lora.read_adapter_config(tmp_path / "a")[0].modules_to_save == MTS.modules_to_save
+    # sft.py's path: only the trainable tensors (a tied head is not among them), gathered, keyed by our FQNs
+    sd = {n: p.detach().clone() for n, p in lora.trainable_parameters(model)}
+    lora.save_adapter(sd, MTS, tmp_path / "sd", base_model_name_or_path="base", tied_embeddings=tied)
+    from_sd = load_file(str(tmp_path / "sd" / lora.ADAPTER_WEIGHTS))
+    assert from_sd.keys() == files.keys() and all(torch.equal(from_sd[k], files[k]) for k in files)
+
+    fresh = lora.load_adapter(base.load(), tmp_path / "a")
+    assert _tied(fresh) == tied
+    with torch.no_grad():
+        assert torch.equal(logits(fresh, IDS), trained)
+    merged_sd = lora.merged_state_dict({k: v.clone() for k, v in model.state_dict().items()}, MTS)
+    plain = lora.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(plain, IDS), trained, atol=1e-5, rtol=0)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(merged_sd[k], v, atol=1e-6, rtol=0)
+    plain.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(_load_hf(tmp_path / "merged"), IDS), trained, atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_peft_interop_both_ways(base, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = base.load()
+    tied = _tied(model)
+    lora.inject_lora(model, MTS)
+    _train_steps(model)
+    with torch.no_grad():
+        ours = logits(model, IDS)
+    lora.save_adapter(model, MTS, tmp_path / "ours", base_model_name_or_path=str(base.dir))
+    theirs = peft.PeftModel.from_pretrained(_load_hf(base.dir), str(tmp_path / "ours")).eval()
+    wrapped = [n for n, _ in theirs.named_modules() if n.endswith(".modules_to_save.default")]
+    assert len(wrapped) == 2 + 4 + 1  # embed, lm_head, 2 x 2 layer norms, final norm (PEFT's suffix match)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, IDS), ours, atol=1e-5, rtol=0)
+
+    # an adapter written by peft itself: random A, B and changed copies of the saved modules
+    kw = {"ensure_weight_tying": True} if tied else {}
+    peft_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                               modules_to_save=["embed_tokens", "lm_head", "norm"], task_type="CAUSAL_LM", **kw)
+    torch.manual_seed(5)
+    from_peft = peft.get_peft_model(_load_hf(base.dir), peft_cfg).eval()
+    with torch.no_grad():
+        for n, p in from_peft.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    from_peft.save_pretrained(tmp_path / "peft_written")
+    back = lora.load_adapter(base.load(), tmp_path / "peft_written")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(back, IDS), logits(from_peft, IDS), atol=1e-5, rtol=0)
+    if tied:  # untied copies (PEFT without ensure_weight_tying) cannot load onto one tied weight: say so
+        sd = load_file(str(tmp_path / "peft_written" / lora.ADAPTER_WEIGHTS))
+        sd["base_model.model.lm_head.weight"] = sd["base_model.model.lm_head.weight"] + 1
+        save_file(sd, str(tmp_path / "peft_written" / lora.ADAPTER_WEIGHTS))
+        with pytest.raises(ValueError, match="tied"):
+            lora.load_adapter(base.load(), tmp_path / "peft_written")
+
+
+def test_modules_to_save_errors(base):
+    with pytest.raises(ValueError, match=r"modules_to_save \['ln_f'\] matched no module"):
+        lora.inject_lora(base.load(), LoraConfig(modules_to_save=("ln_f",)))
+    with pytest.raises(ValueError, match="both LoRA targets"):
+        lora.inject_lora(base.load(), LoraConfig(target_modules=("q_proj", "lm_head"), modules_to_save=("lm_head",)))
+    model = base.load()
+    lora.inject_lora(model, LoraConfig(r=4, alpha=8, modules_to_save=("norm",)))
+    with pytest.raises(ValueError, match=r"modules_to_save \['embed_tokens'\] have no tensors"):
+        lora.save_adapter({n: p for n, p in lora.trainable_parameters(model)},
+                          LoraConfig(r=4, alpha=8, modules_to_save=("norm", "embed_tokens")), "/nonexistent", "base")

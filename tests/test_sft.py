@@ -121,6 +121,9 @@ def test_less_flag_string_parses_verbatim(work):
     assert sft.parse_args(argv + ["--lora", "False"])[0].use_lora is False
     with pytest.raises(SystemExit, match="did you mean --learning_rate"):
         sft.parse_args(argv + ["--learning_rat", "1"])
+    # LESS reads adapters without embedding/lm_head/norm weights: modules_to_save is refused there
+    with pytest.raises(SystemExit, match="--lora_modules_to_save is not available in LESS mode"):
+        sft.check_config(sft.parse_args(argv + ["--lora_modules_to_save", "embed_tokens"])[0])
 
 
 def test_clear_errors(work, shared, tmp_path, capsys):
@@ -191,6 +194,54 @@ def test_lora_loss_falls_and_only_adapters_change(work):
     assert not (ckpt / "config.json").exists()  # an adapter folder, not a full model
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     assert meta["template"] == "boxed" and meta["step"] == 16
+
+
+MTS_ARGS = ("--lora_r", "4", "--lora_modules_to_save", "embed_tokens", "norm")
+
+
+def test_lora_modules_to_save_trains_saves_and_loads_in_evalmath(work):
+    """--lora_modules_to_save: the adapters and those modules train (the tiny Qwen2 ties lm_head to
+    embed_tokens, so the head moves with them), nothing else; the adapter file holds them under PEFT's keys,
+    the state shard holds their optimizer moments, and evalmath loads the checkpoint (base + adapter) to the
+    very logits of the trained model."""
+    import evalmath
+
+    run, before = _train_in_process(work, "mts", "--max_steps", "6", "--save_steps", "6", *MTS_ARGS)
+    assert_loss_fell(run)
+    saved = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+             *(f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm"))}
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if ".lora_" in k} | saved
+    ckpt = run.job_dir / "checkpoint-000006"
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert {k for k in adapter if ".lora_" not in k} == {"base_model.model." + k for k in saved}
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "norm", "lm_head"]  # tied: both names of one weight
+    st = state(ckpt)
+    assert {"model.model.embed_tokens.weight", "optim.model.embed_tokens.weight.exp_avg",
+            "optim.model.norm.weight.exp_avg_sq"} <= set(st)
+
+    model, _ = evalmath.load_model(evalmath.resolve_model(str(ckpt)), torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), run.model.eval()(ids), atol=1e-5, rtol=0)
+
+
+def test_lora_modules_to_save_resume_is_exact(work):
+    """Killed after step 3 and resumed from checkpoint 2: the saved modules' weights and optimizer moments
+    come back, so losses and final state equal the uninterrupted run's."""
+    out = work / "out"
+    ref = base_args(work, "mts_ref", "--max_steps", "4", "--save_steps", "2", "--lora_dropout", "0.1", *MTS_ARGS)
+    run_sft(ref)
+    kill = with_job(ref, "mts_kill")
+    assert run_sft(kill, {"MATHSFT_TEST_KILL_AT": "3"}, check=False).returncode == -signal.SIGKILL
+    p = run_sft(kill + ["--resume_from_checkpoint", "auto"])
+    assert "checkpoint-000002 at step 2" in p.stdout
+    assert losses(out / "mts_kill") == losses(out / "mts_ref") and len(losses(out / "mts_ref")) == 4
+    a, b = state(out / "mts_kill" / "checkpoint-000004"), state(out / "mts_ref" / "checkpoint-000004")
+    assert "model.model.embed_tokens.weight" in a
+    assert_same_state(a, b)
 
 
 def test_save_merged_writes_an_hf_model_equal_to_base_plus_adapter(work):
@@ -319,20 +370,28 @@ def test_less_mode_checkpoint_files(work):
     assert tuple(g["betas"]) == (0.9, 0.999) and g["eps"] == 1e-8
 
 
-def test_chunked_loss_equals_full_logits_loss(work):
-    cfg, notes = sft.parse_args(base_args(work, "chunk", "--max_steps", "1", "--lora_r", "4", "--lora_dropout", "0"))
+@pytest.mark.parametrize("mode", [["--lora_r", "4", "--lora_dropout", "0"], ["--use_lora", "false"],
+                                  ["--lora_r", "4", "--lora_dropout", "0", "--lora_target_modules", "q_proj", "lm_head"]],
+                         ids=["lora", "full", "lora-head"])
+def test_chunked_loss_equals_full_logits_loss(work, mode):
+    """--loss_chunk_tokens > 0 (fused linear cross-entropy for a plain head, checkpointed chunks for a
+    LoRA-targeted one) gives the loss and gradients of full logits, including the head's own gradient."""
+    cfg, notes = sft.parse_args(base_args(work, "chunk-" + mode[-1], "--max_steps", "1", *mode))
     run = sft.setup(cfg, sft.init_distributed(), notes)
     batch = run.data.train.batch(0, 0)
+    head_trained = any(n.endswith(("lm_head.weight", "embed_tokens.weight")) for n, _ in run.named)
+    assert head_trained == (mode[1] == "false")
     results = []
-    for chunk in (0, 7):
+    for chunk in (0, 7, 100000):
         run.cfg.loss_chunk_tokens = chunk
         loss, _ = sft.forward_loss_sum(run, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named}))
         run.optim.zero_grad(set_to_none=True)
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
-    for n in results[0][1]:
-        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-4)
+        for n in results[0][1]:
+            torch.testing.assert_close(results[0][1][n], other[1][n], rtol=1e-4, atol=1e-5)
 
 
 def test_non_finite_steps_are_skipped_then_abort(work):
