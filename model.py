@@ -460,6 +460,53 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(h_t W^T, y_t) over [N, h] hidden states, `chunk` rows at a time, with the gradients computed in
+    the forward pass (Liger-style fused linear cross-entropy): the [N, vocab] logits never exist at once and,
+    unlike a checkpointed chunk, the LM head is not recomputed in backward (one vocab-sized matmul fewer per
+    chunk: ~10% of a Qwen2.5-0.5B LoRA step on CPU). Logits and softmax are fp32; the gradient for W (when W
+    requires grad) is accumulated in fp32. `compute_dtype` is the matmul dtype (bf16 under autocast)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        need_w = weight.requires_grad
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, len(y), chunk):
+                hc, yc = h[i:i + chunk].to(compute_dtype), y[i:i + chunk]
+                logits = (hc @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+                g = g.to(compute_dtype)
+                grad_h[i:i + chunk] = (g @ w).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t().float(), hc.float()) if compute_dtype != torch.float32 else \
+                        grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int = 1024,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `h @ weight.T` against labels y (no ignore index: select the rows first)."""
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {h.shape[0]} hidden rows but {y.shape[0]} labels")
+    return LinearCrossEntropy.apply(h, weight, y, max(1, chunk), compute_dtype or h.dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. attention plans: computed once per forward, shared by all layers
 
