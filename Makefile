@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
-MODE ?= full
+MODE ?= lora
 DATA_DIR ?=
 DATASETS ?=
 

@@ -1332,7 +1332,9 @@ def setup(cfg: Config, d: Dist, notes: list[str]) -> Run:
     rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * d.world
     unit = f"packed rows of {cfg.max_seq_length} tokens" if cfg.packing else "examples (padded to the longest)"
     log(f"{parallel}; precision {precision_dtype(cfg, d)}; {'LoRA' if cfg.use_lora else 'full fine-tuning'}: "
-        f"{n_train:,} trainable of {n_total:,} parameters")
+        f"{n_train:,} trainable of {n_total:,} parameters"
+        + (f" (adapters + modules_to_save {' '.join(cfg.lora_modules_to_save)})"
+           if cfg.use_lora and cfg.lora_modules_to_save else ""))
     log(f"optimizer step = {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accum x "
         f"{d.world} ranks = {rows} {unit}"
         + (f" = {rows * cfg.max_seq_length:,} tokens per optimizer step" if cfg.packing else

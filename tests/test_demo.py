@@ -1,7 +1,8 @@
 """The demo, end to end through the real CLIs (synthetic data, make-tiny, evalmath, sft.py, report).
 
-The CI-sized preset runs in the default suite (~2 min on 2 cores); the full default demo, which must reach
->= 90% on held-out problems, runs in CI (marked slow)."""
+The CI-sized preset of the default mode (LoRA) runs in the default suite (~2 min on 2 cores); the full default
+demo, which must reach >= 90% on held-out problems, and the CI-sized full fine-tuning demo run in CI (marked
+slow)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def _check_files(s: dict, report: Path) -> None:
     for name in ("config.json", "train.log", "metrics.jsonl", "latest", "checkpoint-best"):
         assert (job / name).exists(), f"missing {job / name}"
     best = (job / "checkpoint-best").resolve()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "manifest.json"):
+    weights = ("adapter_config.json", "adapter_model.safetensors") if s["mode"] == "lora" else (
+        "config.json", "model.safetensors")
+    for name in (*weights, "tokenizer.json", "trainer_state.json", "manifest.json"):
         assert (best / name).is_file(), f"missing {best / name}"
     assert json.loads((best / "trainer_state.json").read_text())["template"] == "gsm8k"
     for key in ("before_file", "after_file"):
@@ -40,6 +43,19 @@ def _check_files(s: dict, report: Path) -> None:
 def test_ci_sized_demo_learns(tmp_path):
     report = tmp_path / "report.md"
     s = demo.main(["--preset", "ci", "--work", str(tmp_path / "work"), "--report", str(report)])
+    assert s["mode"] == "lora"  # the default
+    if s["mode"] == "lora":  # the adapter carries the trained embeddings, head and norms (modules_to_save)
+        config = json.loads((Path(s["job_dir"]) / "checkpoint-best" / "adapter_config.json").read_text())
+        assert config["modules_to_save"] and "lm_head" in config["modules_to_save"]
+    assert s["before"] <= 0.05, s
+    assert s["after"] >= s["before"] + 0.15, f"accuracy did not rise well above the untrained model's: {s}"
+    _check_files(s, report)
+
+
+@pytest.mark.slow
+def test_ci_sized_full_finetuning_demo_learns(tmp_path):
+    report = tmp_path / "report.md"
+    s = demo.main(["--mode", "full", "--preset", "ci", "--work", str(tmp_path / "work"), "--report", str(report)])
     assert s["before"] <= 0.05, s
     assert s["after"] >= s["before"] + 0.15, f"accuracy did not rise well above the untrained model's: {s}"
     _check_files(s, report)
@@ -47,8 +63,11 @@ def test_ci_sized_demo_learns(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_reaches_90_percent(tmp_path):
+    """The default demo (LoRA) reaches >= 90% on 500 held-out problems. (The training time, <= 5 min on the
+    2-core dev machine, is measured in docs/benchmarks.md, not asserted: CI machines differ.)"""
     report = tmp_path / "report.md"
     s = demo.main(["--work", str(tmp_path / "work"), "--report", str(report)])
+    assert s["mode"] == "lora"
     assert s["before"] <= 0.05, s
     assert s["after"] >= 0.90, s
     _check_files(s, report)
