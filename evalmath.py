@@ -258,6 +258,7 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     n_samples: int = 1  # >1 (with temperature > 0): pass@k and majority vote
+    prompt_lookup: int = 0  # greedy only: draft up to N tokens by n-gram lookup and verify them in one forward
     seed: int = 0
     template: str | None = None  # data/prompts template; default: the one recorded in the checkpoint
     num_fewshot: int = 0  # > 0: the lm-eval few-shot protocols (gsm8k_cot 8-shot, minerva_math 4-shot)
@@ -484,8 +485,9 @@ def _stop_checker(tokenizer, stop_strings: tuple[str, ...]):
 
 def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
            eos_ids: list[int], stop_strings: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
-           seed: int = 0, progress: bool = False) -> list[Generation]:
-    """Generate for every prompt in length-sorted batches (longest first, as lm-eval does); same order out."""
+           seed: int = 0, progress: bool = False, prompt_lookup: int = 0) -> list[Generation]:
+    """Generate for every prompt in length-sorted batches (longest first, as lm-eval does); same order out.
+    prompt_lookup > 0: prompt-lookup decoding (model.generate), greedy's tokens in fewer forwards."""
     from model import generate
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -498,7 +500,8 @@ def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, b
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         gens = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, temperature=temperature,
-                        top_p=top_p, generator=generator, should_stop=should_stop, pad_id=pad_id)
+                        top_p=top_p, generator=generator, should_stop=should_stop, pad_id=pad_id,
+                        prompt_lookup=prompt_lookup)
         for i, g in zip(idx, gens):
             text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
             reason = "stop" if stopped else g.finish_reason
@@ -561,7 +564,7 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
                      max_new_tokens: int = 512, batch_size: int = 16, *, num_fewshot: int = 0, cot: bool = True,
                      temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int = 0,
                      eos_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
-                     shard: bool = True, progress: bool = False) -> tuple[list[dict], dict]:
+                     shard: bool = True, progress: bool = False, prompt_lookup: int = 0) -> tuple[list[dict], dict]:
     """Decode, grade and summarize `records` with an in-memory model; no file I/O.
 
     template: a data.Template or its name (zero-shot protocols; ignored few-shot). dataset: the grader
@@ -585,7 +588,7 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
     gens = decode(model, tokenizer, [p for p in prompts for _ in range(n_samples)],
                   max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=eos_ids,
                   stop_strings=protocol.stop_strings, temperature=temperature, top_p=top_p,
-                  seed=seed + rank, progress=progress)
+                  seed=seed + rank, progress=progress, prompt_lookup=prompt_lookup)
     model.train(was_training)
     items = [(i, make_item(records[i], gens[k * n_samples:(k + 1) * n_samples], dataset))
              for k, i in enumerate(mine)]
@@ -674,6 +677,7 @@ def check_config(cfg: EvalConfig) -> None:
                          "--dataset_file FILE.jsonl")
     for flag, value, ok in (("--batch_size", cfg.batch_size, cfg.batch_size >= 1),
                             ("--max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1),
+                            ("--prompt_lookup", cfg.prompt_lookup, cfg.prompt_lookup >= 0),
                             ("--n_samples", cfg.n_samples, cfg.n_samples >= 1),
                             ("--top_p", cfg.top_p, 0 < cfg.top_p <= 1),
                             ("--temperature", cfg.temperature, cfg.temperature >= 0),
@@ -699,7 +703,8 @@ def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
     run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
-    decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size")}
+    decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
+                                                 "prompt_lookup")}
     config = {"model": cfg.model, "adapter": str(src.adapter) if src.adapter else None,
               "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
@@ -743,7 +748,7 @@ def run(cfg: EvalConfig) -> list[Path]:
             model, tokenizer, records, template, grader_ds, cfg.max_new_tokens, cfg.batch_size,
             num_fewshot=cfg.num_fewshot, cot=cfg.cot, temperature=cfg.temperature, top_p=cfg.top_p,
             n_samples=cfg.n_samples, seed=cfg.seed, eos_ids=eos, stop_strings=cfg.stop_strings,
-            progress=not cfg.quiet and rank == 0)
+            progress=not cfg.quiet and rank == 0, prompt_lookup=cfg.prompt_lookup)
         elapsed = time.time() - t0
         if rank != 0:
             continue

@@ -202,6 +202,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+SMALL_M = 64  # rows up to which `linear` computes W @ x^T on CPU (decode steps)
+
+
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mod(x), except for a plain nn.Linear on CPU without autograd and 2..SMALL_M rows (a decode step): there
+    MKL's sgemm is 1.2-4x faster as W @ x^T than as x @ W^T (measured on the dev machine for the Qwen2.5-0.5B
+    shapes, with bitwise-equal results; docs/benchmarks.md, "Decoding")."""
+    if type(mod) is not nn.Linear or x.device.type != "cpu" or torch.is_grad_enabled():
+        return mod(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not 1 < x2.shape[0] <= SMALL_M:
+        return mod(x)
+    y = torch.mm(mod.weight, x2.t()) if mod.bias is None else torch.addmm(mod.bias[:, None], mod.weight, x2.t())
+    return y.t().contiguous().view(*x.shape[:-1], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -215,14 +231,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         y = attend(q, k, v, plan)  # [B, H, T, D]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -232,7 +248,7 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b), nn.Linear(i, h, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -351,7 +367,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         h = self.model.norm(h)
-        return h if return_hidden else self.lm_head(h)
+        return h if return_hidden else linear(self.lm_head, h)
 
     def resolved_attn_impl(self, device: torch.device) -> str:
         if self.attn_impl != "auto":
@@ -730,6 +746,20 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self.valid = self.valid[rows]
 
+    def compact(self) -> None:
+        """Moves every row's valid entries to the right end of the first max(valid count) slots (order kept,
+        holes and padding to the left) and sets the offset there: frees the room that masked holes took.
+        Keys carry their RoPE positions already, so moving them changes nothing."""
+        n = int(self.valid.sum(1).max())
+        order = torch.argsort(self.valid.to(torch.int32), dim=1, stable=True)[:, self.valid.shape[1] - n:]
+        Lr, B, H, _, D = self.k.shape
+        ix = order[None, :, None, :, None].expand(Lr, B, H, n, D)
+        k, v = torch.zeros_like(self.k), torch.zeros_like(self.v)
+        k[:, :, :, :n], v[:, :, :, :n] = self.k.gather(3, ix), self.v.gather(3, ix)
+        valid = torch.zeros_like(self.valid)
+        valid[:, :n] = self.valid.gather(1, order)
+        self.k, self.v, self.valid, self.offset = k, v, valid, n
+
 
 @dataclass
 class GenerationOutput:
@@ -750,20 +780,54 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class PromptLookup:
+    """Draft tokens for prompt-lookup decoding (n-gram speculation without a draft model): the k tokens that
+    followed the most recent earlier occurrence of the sequence's last n tokens, trying n = max_n .. 1.
+    N-grams are indexed as tokens arrive, so a draft costs O(max_n) dict lookups."""
+
+    def __init__(self, tokens: list[int], max_n: int = 3):
+        self.seq: list[int] = []
+        self.max_n = max_n
+        self.last_end: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
+        for t in tokens:
+            self.append(t)
+
+    def append(self, t: int) -> None:
+        L = len(self.seq)  # the current last position stops being the last: index the n-grams ending there
+        for n in range(1, min(self.max_n, L) + 1):
+            self.last_end[n][tuple(self.seq[L - n:L])] = L - 1
+        self.seq.append(t)
+
+    def draft(self, k: int) -> list[int]:
+        for n in range(min(self.max_n, len(self.seq)), 0, -1):
+            j = self.last_end[n].get(tuple(self.seq[-n:]))
+            if j is not None:
+                return self.seq[j + 1:j + 1 + k]
+        return []
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: Iterable[int],
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             should_stop: Callable[[int, list[int]], bool] | None = None, pad_id: int = 0) -> list[GenerationOutput]:
+             should_stop: Callable[[int, list[int]], bool] | None = None, pad_id: int = 0,
+             prompt_lookup: int = 0, lookup_ngram: int = 3) -> list[GenerationOutput]:
     """Batched, left-padded, KV-cached decoding of token ids.
 
     Returns one GenerationOutput per prompt (same order). A row stops at an eos id (excluded from tokens,
     finish_reason "eos"), when should_stop(row_index, tokens_so_far) is True after a token (that token is kept,
     "stop"), or after max_new_tokens ("length"). Finished rows are dropped from the batch. Greedy output does
-    not depend on the batch size (up to float rounding of padded batches)."""
+    not depend on the batch size (up to float rounding of padded batches).
+
+    prompt_lookup=k > 0 (greedy only) drafts up to k tokens per row by n-gram lookup in the row's own prompt
+    and output (PromptLookup) and verifies them in one forward of 1 + k positions: a row emits its accepted
+    drafts plus the model's own next token, so the output is greedy's (same argmax at every position, up to
+    float rounding of the wider matmuls). Rejected positions stay in the cache as masked holes; the cache is
+    compacted when it fills up."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
     device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
-    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    eos = set(int(e) for e in eos_ids)
+    lookahead = max(0, int(prompt_lookup)) if temperature <= 0 else 0
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
     valid = torch.zeros(B, P, dtype=torch.bool)
@@ -774,36 +838,62 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     outs = [GenerationOutput([], "length") for _ in prompts]
     if max_new_tokens <= 0:
         return outs
-    cache = KVCache(model.args, B, P + max_new_tokens, device=device, dtype=dtype)
+    cache = KVCache(model.args, B, P + max_new_tokens + lookahead, device=device, dtype=dtype)
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
     # prefill: the head only on the last position (full-prompt logits would be [B, P, vocab]: GBs for Qwen)
     hidden = model(ids, position_ids=pos, cache=cache, key_padding_mask=valid, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1])
-    next_pos = pos[:, -1:] + 1
+    pending = [[t] for t in sample_next(linear(model.lm_head, hidden[:, -1]), temperature, top_p, generator).tolist()]
+    next_pos = pos[:, -1] + 1  # [rows]: position of each row's next input token
     rows = list(range(B))  # batch row -> prompt index
-    for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, generator)
-        is_eos = torch.isin(tok, eos).tolist()
-        keep = []
-        for r, (i, t) in enumerate(zip(rows, tok.tolist())):
-            if is_eos[r]:
-                outs[i].finish_reason = "eos"
-                continue
-            outs[i].tokens.append(t)
-            if should_stop is not None and should_stop(i, outs[i].tokens):
-                outs[i].finish_reason = "stop"
-                continue
-            keep.append(r)
-        if not keep or step == max_new_tokens - 1:
+    lookup = [PromptLookup(p, lookup_ngram) for p in prompts] if lookahead else None
+    while True:
+        keep = [r for r, i in enumerate(rows) if _emit(outs[i], i, pending[r], eos, should_stop, max_new_tokens,
+                                                      lookup[i] if lookup else None)]
+        if not keep:
             break
         if len(keep) < len(rows):
             idx = torch.tensor(keep, device=device)
             cache.keep_rows(idx)
-            tok, next_pos = tok[idx], next_pos[idx]
-            rows = [rows[r] for r in keep]
-        logits = model(tok[:, None], position_ids=next_pos, cache=cache)[:, -1]
-        next_pos = next_pos + 1
+            next_pos, rows = next_pos[idx], [rows[r] for r in keep]
+        last = [outs[i].tokens[-1] for i in rows]
+        drafts = [lookup[i].draft(lookahead) for i in rows] if lookahead else [[] for _ in rows]
+        T = 1 + max(len(d) for d in drafts)
+        if cache.offset + T > cache.max_len:
+            cache.compact()
+        inp = torch.tensor([[t, *d, *[pad_id] * (T - 1 - len(d))] for t, d in zip(last, drafts)], device=device)
+        o = cache.offset
+        logits = model(inp, position_ids=next_pos[:, None] + torch.arange(T, device=device), cache=cache)
+        if T == 1:
+            pending = [[t] for t in sample_next(logits[:, -1], temperature, top_p, generator).tolist()]
+            next_pos = next_pos + 1
+            continue
+        preds = logits.argmax(-1)  # [rows, T]: greedy's token after each input position
+        n_draft = torch.tensor([len(d) for d in drafts], device=device)
+        ok = (inp[:, 1:] == preds[:, :-1]) & (torch.arange(T - 1, device=device) < n_draft[:, None])
+        accepted = ok.long().cumprod(1).sum(1)  # leading drafts that greedy would have produced
+        cache.valid[:, o:o + T] &= torch.arange(T, device=device) <= accepted[:, None]  # rejected: masked holes
+        next_pos = next_pos + accepted + 1
+        pending = [d[:a] + [p[a]] for d, a, p in zip(drafts, accepted.tolist(), preds.tolist())]
     return outs
+
+
+def _emit(out: GenerationOutput, i: int, tokens: list[int], eos: set[int],
+          should_stop: Callable[[int, list[int]], bool] | None, max_new_tokens: int,
+          lookup: PromptLookup | None) -> bool:
+    """Appends a row's new tokens in order; returns whether the row goes on."""
+    for t in tokens:
+        if t in eos:
+            out.finish_reason = "eos"
+            return False
+        out.tokens.append(t)
+        if lookup is not None:
+            lookup.append(t)
+        if should_stop is not None and should_stop(i, out.tokens):
+            out.finish_reason = "stop"
+            return False
+        if len(out.tokens) >= max_new_tokens:
+            return False  # finish_reason stays "length"
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ models would otherwise stop at different points). The two are timed alternately 
 ratio is what to read, not the absolute numbers (the machine is shared).
 
     python scripts/bench_decode.py --shared ../shared [--batch_size 16] [--max_new_tokens 128]
-        [--qwen_max_new_tokens 32] [--qwen_layers 4] [--repeats 3] [--append docs/benchmarks.md]
+        [--qwen_max_new_tokens 32] [--qwen_layers 4] [--repeats 3] [--prompt_lookup 0 4]
+        [--append docs/benchmarks.md]
 
 Models: `tiny` (make_tiny llama, 2 layers, hidden 64, its own 512-token BPE) and `qwen-shape`: the
 Qwen2.5-0.5B config (hidden 896, 14/2 heads, intermediate 4864, vocab 151936, tied embeddings, qkv bias)
@@ -41,45 +42,58 @@ def build_models(shared: Path, work: Path, qwen_layers: int) -> dict[str, Path]:
                                     seed=0, layers=qwen_layers, **QWEN_SHAPE)}
 
 
-def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens: int, repeats: int) -> dict:
+def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens: int, repeats: int,
+              lookups: tuple[int, ...] = (0,)) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     tpl = data.load_template("boxed")
     prompts = [data.encode_prompt(tpl, q, tok) for q in questions[:batch_size]]
     ours = Transformer.from_pretrained(path).eval()
+    forwards = [0]
+    ours.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
 
-    def run_ours():
-        return evalmath.decode(ours, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=[])
+    def run_ours(k: int):
+        return lambda: evalmath.decode(ours, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       eos_ids=[], prompt_lookup=k)
 
     def run_hf():
         with torch.no_grad():
             return hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
 
-    times: dict[str, list[float]] = {"evalmath": [], "transformers": []}
-    outs = {}
+    runners = {**{_name(k): run_ours(k) for k in lookups}, "transformers": run_hf}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    outs, n_fwd = {}, {}
     for rep in range(repeats + 1):  # the first round is a warm-up
-        for name, fn in (("evalmath", run_ours), ("transformers", run_hf)):
+        for name, fn in runners.items():
+            forwards[0] = 0
             t0 = time.perf_counter()
             outs[name] = fn()
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    same = [g.tokens for g in outs["evalmath"]] == outs["transformers"][:, P:].tolist()
+            n_fwd[name] = forwards[0]
+    hf_tokens = outs["transformers"][:, P:].tolist()
     n_tok = len(prompts) * max_new_tokens
     res = {"layers": ours.args.num_hidden_layers, "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
-           "batch": len(prompts), "prompt_tokens_max": P, "max_new_tokens": max_new_tokens, "same_tokens": same}
+           "batch": len(prompts), "prompt_tokens_max": P, "max_new_tokens": max_new_tokens}
     for name, ts in times.items():
         med = statistics.median(ts)
         res[name] = {"seconds_median": round(med, 3), "tokens_per_s": round(n_tok / med, 1),
                      "problems_per_s": round(len(prompts) / med, 3)}
-    res["speedup"] = round(res["transformers"]["seconds_median"] / res["evalmath"]["seconds_median"], 2)
+        if name != "transformers":
+            res[name] |= {"same_tokens": [g.tokens for g in outs[name]] == hf_tokens, "forwards": n_fwd[name],
+                          "speedup": round(statistics.median(times["transformers"]) / med, 2)}
     return res
+
+
+def _name(k: int) -> str:
+    return "evalmath" if k == 0 else f"evalmath+lookup{k}"
 
 
 def markdown(results: dict, args) -> str:
@@ -87,19 +101,23 @@ def markdown(results: dict, args) -> str:
              "evalmath's KV-cached batched greedy decoding (`evalmath.decode` -> `model.generate`) vs transformers' "
              "batched `generate` (left-padded, `do_sample=False`), same weights/prompts/max_new_tokens, fp32, CPU, "
              "EOS disabled so every row generates max_new_tokens tokens; timed alternately in one process "
-             f"(median of {args.repeats} after a warm-up). Prompts: GSM8K test questions in the `boxed` template.",
+             f"(median of {args.repeats} after a warm-up). Prompts: GSM8K test questions in the `boxed` template. "
+             "`+lookupK` rows use `--prompt_lookup K` (greedy prompt-lookup decoding: up to K drafted tokens "
+             "verified per forward); `forwards` counts model forwards including the prefill.",
              "", f"command: `python scripts/bench_decode.py --shared ../shared --batch_size {args.batch_size} "
              f"--max_new_tokens {args.max_new_tokens} --qwen_max_new_tokens {args.qwen_max_new_tokens} "
-             f"--qwen_layers {args.qwen_layers} --repeats {args.repeats}` "
+             f"--qwen_layers {args.qwen_layers} --repeats {args.repeats} --prompt_lookup "
+             f"{' '.join(map(str, args.prompt_lookup))}` "
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, shared 2-core machine)", "",
-             "| model | layers | params | batch | new tokens | evalmath tok/s | transformers tok/s | evalmath problems/s "
-             "| transformers problems/s | speedup | same tokens |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| model | layers | params | batch | new tokens | decoder | tok/s | problems/s | forwards | speedup vs "
+             "transformers | same tokens as transformers |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['layers']} | {r['params_M']}M | {r['batch']} | {r['max_new_tokens']} | "
-                     f"{r['evalmath']['tokens_per_s']} | {r['transformers']['tokens_per_s']} | "
-                     f"{r['evalmath']['problems_per_s']} | {r['transformers']['problems_per_s']} | "
-                     f"{r['speedup']}x | {r['same_tokens']} |")
+        for dec in [_name(k) for k in args.prompt_lookup] + ["transformers"]:
+            x = r[dec]
+            lines.append(f"| {name} | {r['layers']} | {r['params_M']}M | {r['batch']} | {r['max_new_tokens']} | "
+                         f"{dec} | {x['tokens_per_s']} | {x['problems_per_s']} | {x.get('forwards', '')} | "
+                         f"{str(x['speedup']) + 'x' if 'speedup' in x else ''} | {x.get('same_tokens', '')} |")
     lines += ["", "`qwen-shape` is the Qwen2.5-0.5B config with random weights and the real tokenizer, cut to "
               f"{args.qwen_layers} of its 24 layers (CPU time); the 136M-parameter tied embedding / LM head is kept, "
               "so the per-token LM-head cost is the real one. Target: >= 2x at batch 16.", ""]
@@ -115,6 +133,8 @@ def main() -> None:
     ap.add_argument("--qwen_layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["tiny", "qwen-shape"])
+    ap.add_argument("--prompt_lookup", type=int, nargs="+", default=[0, 4],
+                    help="evalmath rows: 0 = plain greedy, K > 0 = prompt-lookup decoding with K drafts")
     ap.add_argument("--append", type=Path, default=None, help="append the markdown section to this file")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -124,7 +144,8 @@ def main() -> None:
         results = {}
         for name in args.models:
             new_tokens = args.qwen_max_new_tokens if name == "qwen-shape" else args.max_new_tokens
-            results[name] = bench_one(paths[name], questions, args.batch_size, new_tokens, args.repeats)
+            results[name] = bench_one(paths[name], questions, args.batch_size, new_tokens, args.repeats,
+                                      tuple(args.prompt_lookup))
             print(json.dumps({name: results[name]}), flush=True)
     md = markdown(results, args)
     print(md)

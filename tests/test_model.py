@@ -337,3 +337,52 @@ def test_load_hf_weights_into_fsdp2_sharded_model(hf_dirs, tmp_path):
            str(hf_dirs["qwen2"]), str(repo)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_lookup_decoding_gives_greedy_tokens(hf_dirs, arch):
+    """Drafts from n-gram lookup are verified against greedy: same tokens, finish reasons and stops as plain
+    greedy, whatever the draft length; long runs fill the cache with masked holes and compact it."""
+    m = M.Transformer.from_pretrained(hf_dirs[arch])
+    prompts = PROMPTS + [[9, 9, 9, 9, 9, 9, 9], list(range(20, 60)) * 2]  # repetitive prompts: drafts do match
+    n = 40
+    eos = {greedy_full_recompute(m, PROMPTS[0], 7, set())[0][6]}
+    plain = M.generate(m, prompts, n, eos)
+    compactions, orig = [], M.KVCache.compact
+
+    def counting_compact(self):
+        compactions.append(self.offset)
+        return orig(self)
+    M.KVCache.compact = counting_compact
+    try:
+        for k in (1, 4, 9):
+            drafted = M.generate(m, prompts, n, eos, prompt_lookup=k)
+            assert [(o.tokens, o.finish_reason) for o in drafted] == [(o.tokens, o.finish_reason) for o in plain]
+        stop = lambda i, toks: i == 2 and len(toks) == 5  # noqa: E731
+        assert [o.tokens for o in M.generate(m, prompts, n, eos, should_stop=stop, prompt_lookup=4)] == \
+            [o.tokens for o in M.generate(m, prompts, n, eos, should_stop=stop)]
+    finally:
+        M.KVCache.compact = orig
+    assert compactions, "a 40-token run with 9 drafts per step should have compacted the cache"
+    assert plain[0].finish_reason == "eos"
+
+
+def test_prompt_lookup_drafts_follow_the_latest_earlier_match():
+    pl = M.PromptLookup([1, 2, 3, 4, 1, 2, 5, 6], max_n=3)
+    pl.append(1)
+    pl.append(2)  # suffix (1, 2): latest earlier match ends at index 5 -> drafts 5, 6, 1
+    assert pl.draft(3) == [5, 6, 1]
+    pl.append(5)  # suffix (1, 2, 5) matched at index 6 -> 6, 1, 2, 5 (capped at k)
+    assert pl.draft(10) == [6, 1, 2, 5]
+    assert M.PromptLookup([7, 8], max_n=2).draft(4) == []  # 8 never occurred before
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
+def test_small_row_linear_equals_module(rows):
+    """model.linear's W @ x^T path for decode-sized inputs gives the same values as nn.Linear."""
+    g = torch.Generator().manual_seed(rows)
+    for bias in (False, True):
+        lin = torch.nn.Linear(48, 200, bias=bias)
+        x = torch.randn(rows, 1, 48, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(M.linear(lin, x), lin(x), rtol=1e-6, atol=1e-6)
