@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--peers", action="store_true", help="also run transformers Trainer and TRL (peer venv)")
+    ap.add_argument("--runners", nargs="+", default=["bare", "ours", "hf", "trl"],
+                    help="subset of runners (hf/trl also need --peers)")
     ap.add_argument("--out", default="", help="append the table to this markdown file")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -126,10 +128,12 @@ def main() -> None:
 
     results: dict[tuple[str, str], dict] = {}
     for mode in a.modes:
-        results[("bare", mode)] = run_bare(model_dir, exported, mode, a)
-        results[("ours", mode)] = run_ours(model_dir, exported, mode, a)
+        if "bare" in a.runners:
+            results[("bare", mode)] = run_bare(model_dir, exported, mode, a)
+        if "ours" in a.runners:
+            results[("ours", mode)] = run_ours(model_dir, exported, mode, a)
         if a.peers:
-            for peer in ("hf", "trl"):
+            for peer in [r for r in ("hf", "trl") if r in a.runners]:
                 try:
                     results[(peer, mode)] = run_peer(peer, model_dir, exported, mode, a)
                 except Exception as e:  # a peer that cannot run is reported, not fatal
@@ -157,7 +161,7 @@ def render(results: dict, a) -> str:
     lines = [f"### Training throughput ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
              f"{a.threads} thread(s), torch {torch.__version__})", "",
              f"`python scripts/bench_train.py --steps {a.steps} --batch {a.batch} --seq {a.seq} --threads {a.threads}"
-             f"{' --peers' if a.peers else ''} --shape {a.shape}`: "
+             f"{' --peers' if a.peers else ''} --shape {a.shape} --modes {' '.join(a.modes)} --runners {' '.join(a.runners)}`: "
              + (f"~{a.hidden}-wide {a.layers}-layer Llama" if a.shape == "tiny" else "Qwen2.5-0.5B shape, random init")
              + f", GSM8K train, `plain` template, "
              f"batch {a.batch} x {a.seq}; first {a.warmup} steps excluded.", "",
