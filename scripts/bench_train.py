@@ -95,7 +95,7 @@ def run_ours(model_dir: Path, exported: Path, mode: str, a) -> dict:
 
 def run_script(python: Path, script: str, model_dir: Path, exported: Path, mode: str, a) -> dict:
     cmd = [str(python), str(REPO / "scripts" / script), "--model", str(model_dir), "--examples", str(exported),
-           "--mode", mode, "--steps", str(a.steps), "--batch", str(a.batch), "--warmup", str(a.warmup),
+           "--mode", mode, "--steps", str(a.steps), "--batch", str(a.peer_batch or a.batch), "--warmup", str(a.warmup),
            "--threads", str(a.threads), "--seq", str(a.seq)]
     out, rss = sh(cmd, env={"OMP_NUM_THREADS": str(a.threads)})
     return last_json(out) | {"rss": rss}
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--peer_batch", type=int, default=0,
+                    help="examples per step for bare/hf/trl (default --batch); sft.py's --batch counts packed rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -161,10 +163,12 @@ def render(results: dict, a) -> str:
     lines = [f"### Training throughput ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
              f"{a.threads} thread(s), torch {torch.__version__})", "",
              f"`python scripts/bench_train.py --steps {a.steps} --batch {a.batch} --seq {a.seq} --threads {a.threads}"
+             + (f" --peer_batch {a.peer_batch}" if a.peer_batch else "") +
              f"{' --peers' if a.peers else ''} --shape {a.shape} --modes {' '.join(a.modes)} --runners {' '.join(a.runners)}`: "
              + (f"~{a.hidden}-wide {a.layers}-layer Llama" if a.shape == "tiny" else "Qwen2.5-0.5B shape, random init")
              + f", GSM8K train, `plain` template, "
-             f"batch {a.batch} x {a.seq}; first {a.warmup} steps excluded.", "",
+             f"batch {a.batch} x {a.seq}" + (f" (bare/hf/trl: {a.peer_batch} examples per step)" if a.peer_batch else "")
+             + f"; first {a.warmup} steps excluded.", "",
              "| runner | mode | real tokens/s | vs bare loop | peak RSS MiB | last loss |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for (runner, mode), r in results.items():

@@ -38,7 +38,7 @@ def main() -> None:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     class Clock(TrainerCallback):  # time only the steps after the warm-up
-        t0, real, last_loss = None, 0, float("nan")
+        t0, last_loss = None, float("nan")
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == a.warmup:
@@ -48,7 +48,15 @@ def main() -> None:
             if logs and "loss" in logs:
                 Clock.last_loss = logs["loss"]
 
-    Clock.real = sum(len(r["input_ids"]) for r in rows[a.warmup * a.batch:])  # real tokens after warm-up
+    collated: list[int] = []  # real tokens of each batch, in the order the Trainer drew them (it shuffles)
+
+    def counting(collate):
+        def wrapped(features):
+            batch = collate(features)
+            am = batch.get("attention_mask")
+            collated.append(int(am.sum()) if am is not None else sum(len(f["input_ids"]) for f in features))
+            return batch
+        return wrapped
     common = dict(output_dir="/tmp/mathsft-peer", per_device_train_batch_size=a.batch, max_steps=a.steps,
                   learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                   report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
@@ -60,15 +68,19 @@ def main() -> None:
         cfg = SFTConfig(**common, max_length=a.seq, completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                              peft_config=lora if mode == "lora" else None, callbacks=[Clock()])
+        trainer.data_collator = counting(trainer.data_collator)
     else:
         if mode == "lora":
             model = get_peft_model(model, lora)
         ds = Dataset.from_list(rows)
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ds,
-                          data_collator=DataCollatorForSeq2Seq(tok, padding="longest"), callbacks=[Clock()])
+                          data_collator=counting(DataCollatorForSeq2Seq(tok, padding="longest")), callbacks=[Clock()])
     trainer.train()
     secs = time.perf_counter() - Clock.t0
-    print(json.dumps({"tok_s": Clock.real / secs, "loss": Clock.last_loss, "steps": a.steps - a.warmup}))
+    if len(collated) != a.steps:
+        raise SystemExit(f"expected {a.steps} collated batches, saw {len(collated)}")
+    real = sum(collated[a.warmup:])  # the batches of the timed steps (the Trainer shuffles the examples)
+    print(json.dumps({"tok_s": real / secs, "loss": Clock.last_loss, "steps": a.steps - a.warmup}))
 
 
 if __name__ == "__main__":
