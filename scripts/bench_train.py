@@ -83,7 +83,8 @@ def run_ours(model_dir: Path, exported: Path, mode: str, a) -> dict:
            "--template", "plain", "--max_seq_length", str(a.seq), "--per_device_train_batch_size", str(a.batch),
            "--max_steps", str(a.steps), "--logging_steps", "1", "--save_strategy", "no", "--output_dir", str(WORK / "jobs"),
            "--job_name", job, "--overwrite_output_dir", "true", "--num_threads", str(a.threads),
-           "--valid_fraction", "0", "--learning_rate", "1e-3", "--use_lora", "true" if mode == "lora" else "false",
+           "--valid_fraction", "0", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+           "--warmup_ratio", "0", "--use_lora", "true" if mode == "lora" else "false",
            "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--data_cache_dir", str(WORK / "processed")]
     out, rss = sh([sys.executable, *cmd], env={"OMP_NUM_THREADS": str(a.threads)})
     rows = [json.loads(x) for x in (WORK / "jobs" / job / "metrics.jsonl").read_text().splitlines()]
