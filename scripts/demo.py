@@ -149,10 +149,11 @@ def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, aft
     b, f = before["summary"], after["summary"]
     threads = f"{a.threads} torch thread(s)" if a.threads else "torch's default threads"
     log_text = (job_dir / "train.log").read_text() if (job_dir / "train.log").is_file() else ""
-    counts = re.search(r"(LoRA|full fine-tuning): ([\d,]+) trainable of ([\d,]+) parameters", log_text)
+    found = re.findall(r"(LoRA|full fine-tuning): ([\d,]+) trainable of ([\d,]+) parameters", log_text)
+    counts = found[-1] if found else None  # train.log is appended to across --overwrite_output_dir runs: the last
     what = ("LoRA " + " ".join(TRAIN["lora"][2:]) if a.mode == "lora" else "all weights (full fine-tuning), "
             + " ".join(TRAIN["full"][2:]))
-    trained = what + (f"; {counts[2]} trainable of {counts[3]} parameters" if counts else "")
+    trained = what + (f"; {counts[1]} trainable of {counts[2]} parameters" if counts else "")
     data = a.data_dir or "synthetic two-step arithmetic word problems (GSM8K format, scripts/synthetic.py)"
     lines = [
         f"# Demo report: {Path(out).stem}", "",

@@ -478,28 +478,33 @@ def test_state_shards_rechunk_across_world_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(work):
-    extra = ("--max_steps", "6", "--save_steps", "3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2")
-    one = base_args(work, "one", *extra)
-    two = base_args(work, "two", *extra)
+@pytest.mark.parametrize("mts", [(), MTS_ARGS], ids=["lora", "lora-modules_to_save"])
+def test_torchrun_two_processes_match_one(work, mts):
+    extra = ("--max_steps", "6", "--save_steps", "3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2",
+             *mts)
+    j1, j2 = ("one-mts", "two-mts") if mts else ("one", "two")
+    one = base_args(work, j1, *extra)
+    two = base_args(work, j2, *extra)
     one[one.index("--per_device_train_batch_size") + 1] = "2"  # same global batch as 1 x 2 ranks (x 2 accum)
     run_sft(one)
     p = run_sft(two, nproc=2)
     assert "FSDP2 over 2 ranks (gloo)" in p.stdout
     out = work / "out"
-    ckpt = out / "two" / "checkpoint-000006"
+    ckpt = out / j2 / "checkpoint-000006"
     assert ck.verify(ckpt) is None and (ckpt / "state-rank00001-of-00002.safetensors").is_file()
-    a, b = losses(out / "one"), losses(out / "two")
+    a, b = losses(out / j1), losses(out / j2)
     assert [s for s, _ in a] == [s for s, _ in b]
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b))
-    ad1 = load_file(str(out / "one" / "checkpoint-000006" / "adapter_model.safetensors"))
+    ad1 = load_file(str(out / j1 / "checkpoint-000006" / "adapter_model.safetensors"))
     ad2 = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert ad1.keys() == ad2.keys()
+    assert bool(mts) == ("base_model.model.model.embed_tokens.weight" in ad2)  # gathered from the FSDP shards
     for k in ad1:
         torch.testing.assert_close(ad1[k], ad2[k], rtol=1e-4, atol=1e-5)
     # resume the 2-rank checkpoint on 1 process: re-chunked state, same continuation (no dropout)
     import shutil
 
-    shutil.rmtree(out / "two" / "checkpoint-000006")
-    p = run_sft(with_job(one, "two") + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
+    shutil.rmtree(out / j2 / "checkpoint-000006")
+    p = run_sft(with_job(one, j2) + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
     assert "written by 2 ranks" in p.stdout
-    assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / "two")))
+    assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / j2)))
