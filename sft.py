@@ -694,7 +694,9 @@ def prepare_job_dir(cfg: Config, job_dir: Path) -> None:
             p.unlink()
         else:
             shutil.rmtree(p)
-    for name in ("metrics.jsonl", "config.json", ck.LATEST):
+    # train.log too, unless a LESS-style wrapper is already tee-ing stdout into it
+    logs = () if os.environ.get("MATHSFT_LOG_TEED") else ("train.log",)
+    for name in ("metrics.jsonl", "config.json", ck.LATEST, *logs):
         (job_dir / name).unlink(missing_ok=True)
 
 

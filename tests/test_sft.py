@@ -151,6 +151,21 @@ def test_clear_errors(work, shared, tmp_path, capsys):
         sft.main(args)
 
 
+def test_overwrite_output_dir_starts_a_fresh_run_folder(tmp_path, monkeypatch):
+    job = tmp_path / "j"
+    (job / "checkpoint-000001").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "train.log"):
+        (job / name).write_text("old run\n")
+    cfg, _ = sft.parse_args(["--overwrite_output_dir", "true"])
+    monkeypatch.setenv("MATHSFT_LOG_TEED", "1")  # a LESS-style wrapper is tee-ing into train.log: keep it
+    sft.prepare_job_dir(cfg, job)
+    assert sorted(p.name for p in job.iterdir()) == ["train.log"]
+    monkeypatch.delenv("MATHSFT_LOG_TEED")
+    (job / "config.json").write_text("{}")
+    sft.prepare_job_dir(cfg, job)
+    assert list(job.iterdir()) == []
+
+
 def test_dry_run_from_config_only_folders(shared, capsys):
     sft.main(["--dry_run", "--model_name_or_path", str(shared / "models" / "llama-2-7b"), "--lora_r", "128",
               "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"])
