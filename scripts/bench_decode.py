@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
 import evalmath  # noqa: E402
-from model import Transformer, make_tiny  # noqa: E402
+from maketiny import make_tiny  # noqa: E402
+from model import Transformer  # noqa: E402
 
 QWEN_SHAPE = dict(hidden=896, heads=14, kv_heads=2, intermediate=4864, vocab=151936)
 

@@ -54,7 +54,7 @@ def setup(n_examples: int, seq: int, hidden: int, layers: int, shape: str = "tin
     import numpy as np
 
     import data
-    from model import make_tiny
+    from maketiny import make_tiny
 
     shared = REPO.parent / "shared" / "data"
     model_dir = WORK / (f"llama-h{hidden}-l{layers}" if shape == "tiny" else "qwen2.5-0.5b-shape")

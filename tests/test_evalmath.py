@@ -26,7 +26,7 @@ QUESTIONS = ["What is 3 + 4?", "Natalia sold clips to 48 of her friends in April
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from model import make_tiny
+    from maketiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", arch="llama", seed=0)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import lora
 import model as M
 from lora import LoraConfig, LoRALinear
+from maketiny import make_tiny
 
 VOCAB = 96  # token ids drawn below this; every base model here has a vocabulary at least this large
 SIZES = dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
@@ -54,7 +55,7 @@ def base(request, tmp_path_factory):
     kind, arch = request.param.split("-")
     out = tmp_path_factory.mktemp(request.param)
     if kind == "ours":  # our model.py writes it with Transformer.save_pretrained (qwen2: tied, qkv bias)
-        M.make_tiny(out, arch=arch, seed=0, **SIZES)
+        make_tiny(out, arch=arch, seed=0, **SIZES)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -361,7 +362,7 @@ def test_reset_under_fsdp2_matches_single_process(tmp_path):
     """reset_lora_parameters on FSDP2-sharded (DTensor) adapters gives the same init as unsharded."""
     import torch.multiprocessing as mp
 
-    base_dir = M.make_tiny(tmp_path / "base", arch="llama", seed=0, **SIZES)
+    base_dir = make_tiny(tmp_path / "base", arch="llama", seed=0, **SIZES)
     out_file = tmp_path / "sd.pt"
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "pg"), str(base_dir), str(out_file)), nprocs=2)
     gathered = torch.load(out_file)

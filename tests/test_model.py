@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+from maketiny import make_tiny
 
 V = 160  # vocab of the tiny HF models
 
@@ -267,9 +268,9 @@ def folder_digest(d):
 def test_make_tiny_loads_in_transformers_and_is_deterministic(tmp_path):
     from transformers import AutoTokenizer
 
-    a = M.make_tiny(tmp_path / "a", arch="qwen2", seed=0)
-    b = M.make_tiny(tmp_path / "b", arch="qwen2", seed=0)
-    c = M.make_tiny(tmp_path / "c", arch="qwen2", seed=1)
+    a = make_tiny(tmp_path / "a", arch="qwen2", seed=0)
+    b = make_tiny(tmp_path / "b", arch="qwen2", seed=0)
+    c = make_tiny(tmp_path / "c", arch="qwen2", seed=1)
     assert folder_digest(a) == folder_digest(b)
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     tok = AutoTokenizer.from_pretrained(a)

@@ -1,4 +1,4 @@
-"""sft.py + checkpoint.py on CPU with a tiny random Qwen2 model (model.make_tiny) and real GSM8K rows.
+"""sft.py + checkpoint.py on CPU with a tiny random Qwen2 model (maketiny.make_tiny) and real GSM8K rows.
 
 Runs that must die (SIGKILL, SIGTERM) or use torchrun are real subprocesses of `python sft.py`."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ PY = sys.executable
 @pytest.fixture(scope="session")
 def work(tmp_path_factory, shared) -> Path:
     """A tiny model, 96 GSM8K training rows (plain and tulu-messages jsonl) and a shared data cache."""
-    from model import make_tiny
+    from maketiny import make_tiny
 
     root = tmp_path_factory.mktemp("sft")
     make_tiny(root / "tiny", arch="qwen2", seed=0)
