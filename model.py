@@ -502,8 +502,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(compute_dtype)
                 grad_h[i:i + chunk] = (g @ w).to(h.dtype)
                 if need_w:
-                    grad_w.addmm_(g.t().float(), hc.float()) if compute_dtype != torch.float32 else \
-                        grad_w.addmm_(g.t(), hc)
+                    grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation (.float() is free in fp32)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
