@@ -96,6 +96,7 @@ class Config:
                                             "down_proj")
     lora_modules_to_save: tuple[str, ...] = ()  # whole modules trained (and saved in the adapter) next to LoRA,
     # PEFT's modules_to_save: a module whose name ends with a string, e.g. embed_tokens lm_head norm (not in LESS mode)
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices learn at this multiple of the lr
     save_merged: Bool = False  # LoRA: also write the merged model (HF format) into each checkpoint/merged/
     # --- data (passed to data.prepare; see docs/data.md)
 
@@ -348,10 +349,12 @@ def check_config(cfg: Config) -> list[str]:
                       "embedding/lm_head/norm weights and keys optimizer.bin by LoRA parameter names only")
     if cfg.early_stopping_patience and not cfg.eval_steps:
         errors.append("--early_stopping_patience needs --eval_steps N > 0")
+    if not cfg.loraplus_lr_ratio > 0:
+        errors.append(f"--loraplus_lr_ratio must be > 0 (1: plain LoRA; LoRA+ uses ~16), got {cfg.loraplus_lr_ratio}")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
     if not cfg.use_lora:
-        lora_defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name.startswith("lora_")}
+        lora_defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name.startswith("lora")}
         changed = [n for n, d in lora_defaults.items() if getattr(cfg, n) != d and not cfg.less_compat]
         if changed or cfg.save_merged:
             warnings.append(f"--use_lora false: LoRA-only settings have no effect: "
@@ -511,10 +514,16 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def build_optimizer(cfg: Config, named: list[tuple[str, torch.nn.Parameter]], d: Dist) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D)."""
-    decay = [p for _, p in named if p.ndim >= 2]
+    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D). With
+    --loraplus_lr_ratio R != 1 the LoRA B matrices get their own group whose lr is R x the schedule's
+    (the group's `lr_ratio`, applied every step)."""
+    plus = cfg.use_lora and cfg.loraplus_lr_ratio != 1.0
+    is_b = lambda n: plus and ".lora_B" in n  # noqa: E731
+    decay = [p for n, p in named if p.ndim >= 2 and not is_b(n)]
     no_decay = [p for _, p in named if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lora_b = [p for n, p in named if p.ndim >= 2 and is_b(n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": lora_b, "weight_decay": cfg.weight_decay, "lr_ratio": cfg.loraplus_lr_ratio}]
     groups = [g for g in groups if g["params"]]
     fused = d.device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -1025,7 +1034,7 @@ def train_step(run: Run, micro: list[dict]) -> dict:
     ok = math.isfinite(loss) and math.isfinite(norm) and denom > 0
     if ok:
         for g in run.optim.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_ratio", 1.0)
         run.optim.step()
     run.optim.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": norm, "lr": lr, "ok": ok, "label_tokens": int(denom),

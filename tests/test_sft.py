@@ -211,6 +211,22 @@ def test_lora_loss_falls_and_only_adapters_change(work):
     assert meta["template"] == "boxed" and meta["step"] == 16
 
 
+def test_loraplus_lr_ratio_scales_the_b_matrices_steps(work):
+    """--loraplus_lr_ratio 8: the B matrices sit in their own optimizer group stepping at 8 x the lr. Adam's
+    first update is lr x sign(grad), so after one step the zero-initialized B reaches |B| = 8 x lr exactly."""
+    lr = 3e-3
+    run, before = _train_in_process(work, "loraplus", "--max_steps", "1", "--save_strategy", "no", "--lora_r", "4",
+                                    "--lora_dropout", "0", "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
+                                    "--loraplus_lr_ratio", "8")
+    groups = {g.get("lr_ratio", 1.0): g for g in run.optim.param_groups}
+    assert groups[8.0]["lr"] == pytest.approx(8 * lr) and groups[1.0]["lr"] == pytest.approx(lr)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    assert {names[id(p)] for p in groups[8.0]["params"]} == {n for n, _ in sft.trainable(run.model) if ".lora_B" in n}
+    after = run.model.state_dict()
+    b = [k for k in after if ".lora_B." in k]
+    assert max((after[k] - before[k]).abs().max().item() for k in b) == pytest.approx(8 * lr, rel=1e-3)
+
+
 MTS_ARGS = ("--lora_r", "4", "--lora_modules_to_save", "embed_tokens", "norm")
 
 
