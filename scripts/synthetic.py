@@ -1,7 +1,7 @@
 """Synthetic multi-step arithmetic word problems in GSM8K format (the embedded default data set).
 
-Each problem has two steps of two-digit addition/subtraction; every intermediate value stays
-in [0, 99]. Rows are GSM8K-shaped: {"question", "answer"} where the answer is a short rationale ending
+Each problem starts from a two-digit amount (10..max_start) and takes two steps, each adding or taking away
+1..max_amount (default 9); every intermediate value stays in [min_value, 99]. Rows are GSM8K-shaped: {"question", "answer"} where the answer is a short rationale ending
 in a final line "#### N", so data.py reads them exactly like the official GSM8K files.
 
     python scripts/synthetic.py --out data/synthetic --n_train 20000 --n_valid 500 --n_test 500 --seed 0
@@ -23,27 +23,27 @@ GAIN = [("buys", "more"), ("finds", "more"), ("gets", "from a friend"), ("wins",
 LOSS = [("gives away", ""), ("sells", ""), ("loses", ""), ("eats", "")]
 
 
-def _step(rng: random.Random, value: int, max_amount: int) -> tuple[str, int, int]:
-    """One operation on `value` that keeps the result in [0, 99]: returns (op, amount, result)."""
+def _step(rng: random.Random, value: int, max_amount: int, min_value: int = 0) -> tuple[str, int, int]:
+    """One operation on `value` that keeps the result in [min_value, 99]: returns (op, amount, result)."""
     can_add = value + 1 <= 99
-    can_sub = value >= 1
+    can_sub = value - 1 >= min_value
     op = rng.choice(["+", "-"] if can_add and can_sub else ["+"] if can_add else ["-"])
     if op == "+":
         amount = rng.randint(1, min(max_amount, 99 - value))
         return op, amount, value + amount
-    amount = rng.randint(1, min(max_amount, value))
+    amount = rng.randint(1, min(max_amount, value - min_value))
     return op, amount, value - amount
 
 
-def make_problem(rng: random.Random, max_amount: int = 9) -> dict:
+def make_problem(rng: random.Random, max_amount: int = 9, max_start: int = 99, min_value: int = 0) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(10, 99)
+    start = rng.randint(10, max_start)
     n_steps = 2
     sentences = [f"{name} has {start} {item}."]
     lines = []
     value = start
     for _ in range(n_steps):
-        op, amount, result = _step(rng, value, max_amount)
+        op, amount, result = _step(rng, value, max_amount, min_value)
         verb, tail = rng.choice(GAIN if op == "+" else LOSS)
         extra = f" {tail}" if tail else ""
         sentences.append(f"Then {name} {verb} {amount}{extra}.")
@@ -54,7 +54,8 @@ def make_problem(rng: random.Random, max_amount: int = 9) -> dict:
     return {"question": question, "answer": answer}
 
 
-def generate(out: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0) -> dict[str, Path]:
+def generate(out: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, max_start: int = 99,
+             min_value: int = 0, max_amount: int = 9) -> dict[str, Path]:
     """Write train/valid/test jsonl files with disjoint questions; returns the paths."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -66,7 +67,7 @@ def generate(out: Path, n_train: int, n_valid: int, n_test: int, seed: int = 0) 
             attempts += 1
             if attempts > 50 * n + 1000:
                 raise RuntimeError(f"could not draw {n} distinct {split} problems; lower the count")
-            p = make_problem(rng)
+            p = make_problem(rng, max_amount, max_start, min_value)
             if p["question"] in seen:
                 continue
             seen.add(p["question"])
@@ -89,8 +90,18 @@ def main() -> None:
     ap.add_argument("--n_valid", type=int, default=500)
     ap.add_argument("--n_test", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_start", type=int, default=99, help="starting amounts are drawn from [10, max_start]")
+    ap.add_argument("--max_amount", type=int, default=9, help="each step adds or takes away 1..max_amount")
+    ap.add_argument("--min_value", type=int, default=0, help="no intermediate value drops below this")
     a = ap.parse_args()
-    for split, path in generate(a.out, a.n_train, a.n_valid, a.n_test, a.seed).items():
+    if not 10 <= a.max_start <= 99:
+        ap.error(f"--max_start {a.max_start}: expected 10..99 (two-digit starting amounts)")
+    if not 1 <= a.max_amount <= 89:
+        ap.error(f"--max_amount {a.max_amount}: expected 1..89")
+    if not 0 <= a.min_value <= 10:
+        ap.error(f"--min_value {a.min_value}: expected 0..10 (starting amounts are >= 10)")
+    for split, path in generate(a.out, a.n_train, a.n_valid, a.n_test, a.seed, a.max_start,
+                                a.min_value, a.max_amount).items():
         print(f"{split}: {path}")
 
 
