@@ -1,10 +1,11 @@
 """Synthetic multi-step arithmetic word problems in GSM8K format (the embedded default data set).
 
 Each problem starts from a two-digit amount (10..max_start) and takes two steps, each adding or taking away
-1..max_amount (default 9); every intermediate value stays in [min_value, 99]. Rows are GSM8K-shaped: {"question", "answer"} where the answer is a short rationale ending
-in a final line "#### N", so data.py reads them exactly like the official GSM8K files.
+1..max_amount (default 9); every intermediate value stays in [min_value, 99]. Rows are GSM8K-shaped:
+{"question", "answer"} where the answer is a short rationale ending in a final line "#### N", so data.py reads
+them exactly like the official GSM8K files. `make demo` uses steps of 1..5:
 
-    python scripts/synthetic.py --out data/synthetic --n_train 20000 --n_valid 500 --n_test 500 --seed 0
+    python scripts/synthetic.py --out data/synthetic --n_train 20000 --n_valid 500 --n_test 500 --seed 0 --max_amount 5
 
 The splits are disjoint by question text; the generator is deterministic for a seed.
 """
