@@ -518,10 +518,9 @@ def build_optimizer(cfg: Config, named: list[tuple[str, torch.nn.Parameter]], d:
     --loraplus_lr_ratio R != 1 the LoRA B matrices get their own group whose lr is R x the schedule's
     (the group's `lr_ratio`, applied every step)."""
     plus = cfg.use_lora and cfg.loraplus_lr_ratio != 1.0
-    is_b = lambda n: plus and ".lora_B" in n  # noqa: E731
-    decay = [p for n, p in named if p.ndim >= 2 and not is_b(n)]
+    lora_b = [p for n, p in named if plus and ".lora_B" in n]
+    decay = [p for _, p in named if p.ndim >= 2 and not any(p is b for b in lora_b)]
     no_decay = [p for _, p in named if p.ndim < 2]
-    lora_b = [p for n, p in named if p.ndim >= 2 and is_b(n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
               {"params": lora_b, "weight_decay": cfg.weight_decay, "lr_ratio": cfg.loraplus_lr_ratio}]
     groups = [g for g in groups if g["params"]]
