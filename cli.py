@@ -47,5 +47,4 @@ def run_main(main: Callable[[list[str]], None], argv: list[str] | None = None,
             raise
         msg = str(e) or type(e).__name__
         print(msg if msg.startswith("error:") else f"error: {msg}", file=sys.stderr)
-        print(f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
