@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -225,9 +226,77 @@ def best_target(job_dir: Path) -> str | None:
     return os.readlink(link) if link.is_symlink() else None
 
 
-def cleanup_tmp(job_dir: Path) -> None:
-    for tmp in Path(job_dir).glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def move_aside(job_dir: Path, names: list[str]) -> Path:
+    """Move the named entries of `job_dir` into a new `damaged-<time>/` folder there; returns that folder."""
+    job_dir = Path(job_dir)
+    dest = job_dir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        dest, n = job_dir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    dest.mkdir()
+    for name in names:
+        if (job_dir / name).exists() or (job_dir / name).is_symlink():
+            os.replace(job_dir / name, dest / name)
+    return dest
+
+
+# ----------------------------------------------------------------------------- run-folder lock
+
+LOCK = "run.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def acquire_lock(job_dir: Path) -> str | None:
+    """Take `<job_dir>/run.lock` (pid, host, start time) so that one process at a time writes a run folder.
+
+    A lock held by a live process (or by a process on another host) raises SystemExit naming the holder.
+    A lock left by a dead process on this host is taken over; the returned note says so (else None)."""
+    path = Path(job_dir) / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    note = None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = {}, -1, "?"
+            if host == me["host"] and pid == me["pid"]:  # this process took it before (in-process reruns)
+                path.unlink(missing_ok=True)
+                continue
+            if host == me["host"] and pid > 0 and not _pid_alive(pid):
+                note = (f"removed a stale lock {path} left by pid {pid} on {host} (started "
+                        f"{holder.get('started', '?')}; that process is no longer running)")
+                path.unlink(missing_ok=True)
+                continue
+            raise SystemExit(f"error: the run folder {job_dir} is in use by pid {pid} on host {host} (since "
+                             f"{holder.get('started', '?')}): wait for that run to finish or stop it, or choose "
+                             f"another --job_name. If that process is gone, delete {path}.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return note
+    raise SystemExit(f"error: could not take the lock {path}; another process is starting in {job_dir}")
+
+
+def release_lock(job_dir: Path) -> None:
+    """Remove `run.lock` if this process holds it."""
+    path = Path(job_dir) / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 # ----------------------------------------------------------------------------- state shards

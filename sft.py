@@ -925,7 +925,9 @@ def resume(run: Run, where: str) -> bool:
         for n in notes:
             run.log(n)
         if path is None:
-            run.log(f"--resume_from_checkpoint auto: no complete checkpoint in {run.job_dir}; starting fresh")
+            if d.main:
+                _set_aside_unresumable(run)
+            barrier(d)
             return False
     else:
         path = Path(where)
@@ -950,6 +952,22 @@ def resume(run: Run, where: str) -> bool:
             + ("" if exact else f" (written by {saved_world} ranks: model and optimizer restored, RNG reseeded,"
                                  " so the continuation is not bitwise identical)"))
     return True
+
+
+def _set_aside_unresumable(run: Run) -> None:
+    """`auto` found nothing to resume: damaged checkpoints (and the metrics and links that belong to them)
+    move into a `damaged-<time>/` folder, named in the log; a run that saved nothing loses its metrics."""
+    job = run.job_dir
+    damaged = [p.name for _, p in ck.list_checkpoints(job)] + [p.name for p in job.glob(".tmp-checkpoint-*")]
+    if damaged:
+        names = damaged + [n for n in ("metrics.jsonl", ck.LATEST, ck.BEST)
+                           if (job / n).exists() or (job / n).is_symlink()]
+        dest = ck.move_aside(job, names)
+        run.log(f"--resume_from_checkpoint auto: no complete checkpoint in {job}; moved {', '.join(names)} "
+                f"into {dest} (nothing deleted) and starting fresh with a new metrics.jsonl")
+    else:
+        run.log(f"--resume_from_checkpoint auto: no checkpoint in {job}; starting fresh")
+        run.log.truncate_metrics(0)
 
 
 # ============================================================================= 5. loop
@@ -1316,11 +1334,9 @@ def setup(cfg: Config, d: Dist, notes: list[str]) -> Run:
     cfg = dataclasses.replace(cfg, job_name=job_name)
     job_dir = Path(cfg.output_dir) / job_name
     hf_config = read_model_config(cfg.model_name_or_path)
-    if d.main:
-        prepare_job_dir(cfg, job_dir)
-    barrier(d)
+    log_notes = _on_rank0(d, lambda: _lock_and_prepare(cfg, job_dir))
     log = RunLog(cfg, job_dir, d)
-    for n in notes + check_config(cfg):
+    for n in log_notes + notes + check_config(cfg):
         log(n)
     log("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
     if d.main:
@@ -1354,6 +1370,31 @@ def setup(cfg: Config, d: Dist, notes: list[str]) -> Run:
     return Run(cfg, d, job_dir, log, model, lcfg, hf_config, named, optim, data, sched)
 
 
+def _lock_and_prepare(cfg: Config, job_dir: Path) -> list[str]:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    note = ck.acquire_lock(job_dir)
+    try:
+        prepare_job_dir(cfg, job_dir)
+    except SystemExit:
+        ck.release_lock(job_dir)
+        raise
+    return [note] if note else []
+
+
+def _on_rank0(d: Dist, fn):
+    """Run `fn` on rank 0; every rank returns its result or raises its SystemExit."""
+    result = None
+    if d.main:
+        try:
+            result = ("ok", fn())
+        except SystemExit as e:
+            result = ("exit", str(e))
+    result = broadcast_object(result, d)
+    if result[0] == "exit":
+        raise SystemExit(result[1])
+    return result[1]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -1371,6 +1412,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     d = init_distributed()
     seed_everything(cfg.seed)
+    job_dir = Path(cfg.output_dir) / (cfg.job_name or default_job_name(cfg))
     try:
         run = setup(cfg, d, notes)
         if run.cfg.resume_from_checkpoint:
@@ -1384,6 +1426,8 @@ def main(argv: list[str] | None = None) -> None:
         run.log(f"done at step {run.st.step}; {run.st.skipped_steps} skipped steps; run folder {run.job_dir}")
         run.log.close()
     finally:
+        if d.main:
+            ck.release_lock(job_dir)
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -476,6 +476,62 @@ def test_less_lora_train_script_end_to_end(work):
     assert {"adapter_model.safetensors", "optimizer.bin", "tokenizer.json"} <= {x.name for x in (job / "checkpoint-3").iterdir()}
 
 
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work):
+    """Two sft.py on one run folder: the second (here `--resume_from_checkpoint auto`) stops with one line
+    naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead process
+    is reported and taken over."""
+    args = base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4")
+    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"} | {"OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    job = work / "out" / "locked"
+    metrics = job / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        for extra in (["--resume_from_checkpoint", "auto"], ["--overwrite_output_dir", "true"]):
+            p = run_sft(args + extra, check=False)
+            assert p.returncode != 0
+            err = p.stderr.strip().splitlines()
+            assert len(err) == 1 and f"in use by pid {first.pid}" in err[0], p.stderr[-2000:]
+        assert metrics.is_file() and (job / ck.LOCK).is_file()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0 and "stopping on a signal" in out, out[-2000:]
+    steps = [s for s, _ in losses(job)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved records
+    assert not (job / ck.LOCK).exists()
+    # a lock from a process that no longer runs (pid of a finished child) is reported and taken over
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (job / ck.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
+    p = run_sft(with_job(base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4"),
+                         "locked") + ["--resume_from_checkpoint", "auto", "--max_steps", "1"], check=False)
+    assert "removed a stale lock" in p.stdout and f"pid {int(dead.stdout)}" in p.stdout, p.stdout[-2000:]
+
+
+def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
+    """`auto` when no checkpoint is complete: the damaged folders, `latest` and the old metrics.jsonl move into
+    a named damaged-* folder (nothing overwritten or deleted), and the new run starts a new metrics file."""
+    args = base_args(work, "alldamaged", "--max_steps", "2", "--save_steps", "1", "--lora_r", "4",
+                     "--save_total_limit", "0")
+    sft.main(args)
+    job = work / "out" / "alldamaged"
+    for _, path in ck.list_checkpoints(job):
+        (path / "trainer_state.json").write_text("{}")  # damaged: size differs from the manifest
+    old_metrics = (job / "metrics.jsonl").read_text()
+    sft.main(args + ["--resume_from_checkpoint", "auto"])
+    aside = list(job.glob("damaged-*"))
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "latest",
+                                                          "metrics.jsonl"]
+    assert (aside[0] / "metrics.jsonl").read_text() == old_metrics
+    assert (aside[0] / "checkpoint-000001" / "trainer_state.json").read_text() == "{}"
+    assert [s for s, _ in losses(job)] == [1, 2] and ck.verify(job / "checkpoint-000002") is None
+    assert f"into {aside[0]}" in (job / "train.log").read_text()
+
+
 # ----------------------------------------------------------------------------- checkpoint.py units
 
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
