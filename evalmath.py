@@ -287,11 +287,13 @@ def _read_json(p: Path) -> dict | None:
 
 
 def find_template(folder: Path) -> tuple[str | None, str | None]:
-    """(template, file it was read from): the `template` sft.py recorded in the checkpoint's trainer_state.json,
-    else that of the data cache its `data_cache_dir` names (a meta.json's `template` or `settings.template`)."""
+    """(template, file it was read from): the `template` (or `config.template`) sft.py recorded in the checkpoint's
+    trainer_state.json, else that of the data cache its `data_cache_dir` names (a meta.json's `template` or
+    `settings.template`)."""
     state = _read_json(folder / "trainer_state.json") or {}
-    if isinstance(state.get("template"), str):
-        return state["template"], str(folder / "trainer_state.json")
+    t = state.get("template") or (state.get("config") or {}).get("template")
+    if isinstance(t, str):
+        return t, str(folder / "trainer_state.json")
     cache = state.get("data_cache_dir")
     for m in ((Path(cache) / "meta.json", *sorted(Path(cache).glob("*/meta.json"))) if cache else ()):
         meta = _read_json(m) or {}
