@@ -107,7 +107,7 @@ class Config:
     less_compat: Bool = False  # LESS layout: checkpoint-{step}, optimizer.bin (set by LESS flags)
     seed: int = 0  # model init (adapters), data order, dropout
     # --- evaluation
-    eval_steps: int = 0  # 0: no evaluation during training
+    eval_steps: int = 200  # evaluate every N steps and at the last step (0: no evaluation during training)
     eval_max_batches: int = 50  # validation-loss batches per evaluation
     eval_accuracy_samples: int = 0  # > 0: also greedy-decode this many validation problems (evalmath)
     eval_max_new_tokens: int = 512  # decoding budget for in-training accuracy
@@ -378,10 +378,14 @@ def evaluate(run: Run) -> dict:
     --eval_accuracy_samples N, greedy accuracy on N validation problems (evalmath)."""
     d, cfg, out = run.d, run.cfg, {}
     stopped = (lambda: run.stop.agreed(d.device)) if run.stop else (lambda: False)  # Ctrl-C: stop after a batch
+    n = min(cfg.eval_max_batches, run.data.valid.steps_in_epoch(0)) if run.data.valid is not None else 0
+    if n or cfg.eval_accuracy_samples:
+        run.log(f"evaluating at step {run.st.step}: {n} validation batches"
+                + (f", greedy accuracy on {cfg.eval_accuracy_samples} problems" if cfg.eval_accuracy_samples else ""))
     run.model.eval()
     if run.data.valid is not None:
         tot = torch.zeros(2, device=d.device)  # loss sum, completion tokens
-        for s in range(min(cfg.eval_max_batches, run.data.valid.steps_in_epoch(0))):
+        for s in range(n):
             if stopped():
                 return {}
             batch = run.data.valid.batch(0, s)
@@ -400,12 +404,13 @@ def evaluate(run: Run) -> dict:
 
 def evaluate_and_track(run: Run) -> bool:
     """Evaluate and log; a new best --metric_for_best is saved as checkpoint-best. True: stop early (patience)."""
+    t0 = time.time()
     res = evaluate(run)
     if not res:
         return False
     run.last_eval = {"step": run.st.step, **res}
     run.log.metrics(run.last_eval)
-    run.log(f"eval step {run.st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    run.log(f"eval step {run.st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()) + f" ({time.time() - t0:.1f}s)")
     return ck.track_best(run, res)
 
 

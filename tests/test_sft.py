@@ -555,12 +555,137 @@ def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
     sft.main(args + ["--resume_from_checkpoint", "auto"])
     aside = list(job.glob("damaged-*"))
     assert len(aside) == 1
-    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "latest",
-                                                          "metrics.jsonl"]
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-best",
+                                                          "latest", "metrics.jsonl"]
     assert (aside[0] / "metrics.jsonl").read_text() == old_metrics
     assert (aside[0] / "checkpoint-000001" / "trainer_state.json").read_text() == "{}"
     assert [s for s, _ in losses(job)] == [1, 2] and ck.verify(job / "checkpoint-000002") is None
-    assert f"into {aside[0]}" in (job / "train.log").read_text()
+    log = (job / "train.log").read_text()
+    assert f"into {aside[0]}" in log
+    assert "data: " in log and "bad rows skipped" in log  # the data counts reach train.log, not only report.md
+    # resumed with another --max_steps: the run says that the schedule was recomputed
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "3"])
+    assert "the schedule was recomputed: 3 total steps now" in (job / "train.log").read_text()
+    assert [s for s, _ in losses(job)] == [1, 2, 3]
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    """Run sft.py's main through cli.run_main (as `python sft.py` does): the exit status is 2 and stderr holds
+    exactly one line, no traceback. Returns that line."""
+    import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(sft.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_user_mistakes_end_in_one_line_and_write_nothing(work, tmp_path, capsys):
+    """Bad flags, a config.json that is not JSON, an unsupported architecture or RoPE type, a truncated or
+    random-bytes model.safetensors: one line naming the flag or file, exit status 2, and nothing written into
+    the run folder (so the corrected command runs there without --overwrite_output_dir)."""
+    import shutil
+
+    out = tmp_path / "out"
+
+    def args(model, *extra):
+        a = base_args(work, "bad", "--max_steps", "1", "--model_name_or_path", str(model), *extra)
+        a[a.index("--output_dir") + 1] = str(out)
+        return a
+
+    def broken(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(work / "tiny", folder)
+        edit(folder)
+        return folder
+
+    config = json.loads((work / "tiny" / "config.json").read_text())
+    weights = (work / "tiny" / "model.safetensors").read_bytes()
+    cases = [
+        (args(work / "tiny", "--learning_rate", "-1e-3"), "--learning_rate must be > 0"),
+        (args(work / "tiny", "--lora_r", "0"), "--lora_r must be >= 1"),
+        (args(broken("notjson", lambda f: (f / "config.json").write_text('{"model_type": qwen2}'))),
+         "config.json is not valid JSON (line 1, column 16"),
+        (args(broken("gpt2", lambda f: (f / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"})))),
+         "unsupported model_type 'gpt2'"),
+        (args(broken("yarn", lambda f: (f / "config.json").write_text(json.dumps(
+            {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})))), "unsupported rope_type 'yarn'"),
+        (args(broken("truncated", lambda f: (f / "model.safetensors").write_bytes(weights[:len(weights) // 2]))),
+         "truncated or damaged"),
+        (args(broken("random", lambda f: (f / "model.safetensors").write_bytes(os.urandom(4096)))),
+         "truncated or damaged"),
+    ]
+    for argv, expected in cases:
+        line = _one_line_error(argv, capsys)
+        assert line.startswith("error: ") and expected in line, (expected, line)
+        assert not (out / "bad").exists() or list((out / "bad").iterdir()) == [], list((out / "bad").iterdir())
+    # the real command line: the same one line from `python sft.py`
+    p = run_sft(cases[-1][0], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "truncated or damaged" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_start_does_not_block_the_retry(work, tmp_path, capsys):
+    """A first run that fails on its data (no such data folder) leaves nothing in the run folder: the corrected
+    command starts there, without --overwrite_output_dir."""
+    out = tmp_path / "out"
+    bad = ["--model_name_or_path", str(work / "tiny"), "--datasets", "gsm8k", "--data_dir", str(tmp_path / "nodata"),
+           "--output_dir", str(out), "--job_name", "retry", "--max_steps", "1", "--num_threads", "1",
+           "--data_cache_dir", str(work / "cache"), "--lora_r", "4"]
+    line = _one_line_error(bad, capsys)
+    assert "nodata" in line
+    good = base_args(work, "retry", "--max_steps", "1", "--lora_r", "4")
+    good[good.index("--output_dir") + 1] = str(out)
+    sft.main(good)
+    assert ck.verify(out / "retry" / "checkpoint-000001") is None and not (out / "retry" / ck.LOCK).exists()
+    # a run that wrote its config but died before its first save: restartable as is, and it says so
+    (out / "retry2").mkdir()
+    (out / "retry2" / "config.json").write_text("{}")
+    (out / "retry2" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    sft.main(with_job(good, "retry2"))
+    log = (out / "retry2" / "train.log").read_text()
+    assert "saved no checkpoint: starting it again" in log and [s for s, _ in losses(out / "retry2")] == [1]
+
+
+def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
+    """SIGINT while the in-training evaluation decodes: acknowledged at once, the evaluation stops at a batch
+    boundary (no result is logged for it), the step is saved, exit status 0; resuming gives the losses and
+    final state of an uninterrupted run. A second Ctrl-C stops at once: one line, status 130, lock released."""
+    extra = ["--max_steps", "4", "--eval_steps", "2", "--eval_accuracy_samples", "16", "--eval_max_new_tokens", "256",
+             "--valid_fraction", "0.5"]
+    args = with_job(reference, "sigint") + extra
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "evaluating at step 2" in line:  # printed as the evaluation starts
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping: finishing the current batch, then saving; press Ctrl-C again" in err
+    assert "stopping on a signal at step 2" in out and "eval step 2:" not in out
+    job = work / "out" / "sigint"
+    assert ck.verify(job / "checkpoint-000002") is None
+    run_sft(args + ["--resume_from_checkpoint", "auto", "--eval_accuracy_samples", "0"])
+    run_sft(with_job(reference, "sigint_ref") + extra + ["--eval_accuracy_samples", "0"])
+    assert losses(job) == losses(work / "out" / "sigint_ref")
+    assert_same_state(state(job / "checkpoint-000004"), state(work / "out" / "sigint_ref" / "checkpoint-000004"))
+    # twice: stop at once without saving, no traceback
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *with_job(reference, "sigint2"), "--max_steps", "400"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "step 1/400" in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted")
+    assert not (work / "out" / "sigint2" / ck.LOCK).exists()
 
 
 # ----------------------------------------------------------------------------- checkpoint.py units
