@@ -55,10 +55,20 @@ PRESETS = {  # sizes of the default demo and of the CI-sized one that tests/test
 }
 
 
+def _rel(arg: str) -> str:
+    """A path inside the repository as a relative path (reports never show this machine's absolute paths)."""
+    p = Path(arg)
+    if p.is_absolute():
+        try:
+            return str(p.relative_to(REPO)) if not str(p).startswith(sys.prefix) else "python"
+        except ValueError:
+            pass
+    return arg
+
+
 def run(cmd: list[str], log: list[str]) -> float:
-    line = " ".join(shlex.quote(c) for c in cmd)
-    print(f"\n$ {line}", flush=True)
-    log.append(line)
+    print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    log.append(" ".join(shlex.quote(_rel(c)) for c in cmd))
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     print(f"[{time.time() - t0:.0f} s]", flush=True)
