@@ -36,7 +36,14 @@ from fractions import Fraction
 
 import sympy as sp
 
-from mathparse import MAX_ANSWER_CHARS, parse_math
+from mathparse import (
+    MAX_ANSWER_CHARS,
+    parse_math,
+    repeating_decimal,
+    unicode_to_latex,
+    words_to_digits,
+    words_value,
+)
 from mathparse import Refused as _Refused
 
 RELATIVE_TOLERANCE = 1e-4  # numbers (and expressions at sample points) agree within this relative error
@@ -129,7 +136,7 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
             if not gap_ok:
                 break
         out.append((m.start(), end, content))
-    return out
+    return [b for b in out if not any(o[0] < b[0] and b[1] <= o[1] for o in out)]  # nested: the outer one
 
 
 def _reduce_prose(ans: str) -> str:
@@ -174,6 +181,128 @@ def _last_candidate(text: str) -> str | None:
     return num.group(0) if num else None
 
 
+_MARKDOWN = re.compile(r"\*\*|__|`+|^\s*(?:[-*>]|#+|\d+\.)\s+", re.M)
+_TERMINAL = re.compile(r"(?:[.!?。)\]]|\$|\\\]|\\\)|\*\*)[\s\"'*_]*$")
+_DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|the|a|an|of|to|is|are|be|by|for|with|which|"
+                       r"that|then|so|we|gives|giving|get|so|as|in|at|from|than|plus|minus|times|into)\b)\s*$", re.I)
+_COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have)\b"
+                     r"|(?<![<>!=])=(?!=)|:(?=\s)", re.I)
+_FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|"
+                     r"still|also)\b|\s*[:,])+", re.I)
+_RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+?\\\)|\\\[.+?\\\])"
+                        r"|(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\.\.\.|\\ldots|…)?)"
+                        r"|(?P<cmd>\\[a-zA-Z]+|\\[{}%$])|(?P<op>[-+*/^=<>()\[\]{}|!_,%'≤≥≠]|\.(?=\d))"
+                        r"|(?P<word>[A-Za-z]+\.?))", re.S)
+_STATEMENT = re.compile(r"\b(?:is|are|was|were|so|thus|hence|therefore|then|we|the|i\.e)\b|[.!?]\s*$", re.I)
+_CLAUSE = re.compile(r"(?:,|;|\band)\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)|\bi\.e\.,?", re.I)
+_META_ANSWER = re.compile(r"(?:the|our|my)\s+(?:final\s+|required\s+)?(?:answer|solution|result)s?(?:\s+set)?", re.I)
+_SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "≤", "≥", "≠", "(", "[", "{", "|"}
+
+
+def _unfinished(text: str) -> bool:
+    """An unmarked response is unfinished (not an answer) when its last line stops mid-sentence: no closing
+    punctuation or math delimiter, and not an equation/label line that ends on a single value (`5 × 7 = 35`)."""
+    lines = text.rstrip().split("\n")
+    last = lines[-1].strip()
+    if not last or _TERMINAL.search(last) or (len(lines) == 1 and len(last) <= 80 and not _DANGLING.search(last)):
+        return False
+    if _DANGLING.search(last):
+        return True
+    tail = re.split(r"=|:\s", last)
+    return len(tail) < 2 or not re.fullmatch(r"\s*[-$]?\d[\d,.]*%?(?:\s+[A-Za-z]+){0,2}\s*", tail[-1])
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences and lines of text (math environments are never split)."""
+    blank = _MATH_ENV.sub(lambda m: "x" * len(m.group(0)), text)
+    cuts = [m.end() for m in re.finditer(r"[.!?;](?=\s|$)|\n", blank)]
+    cuts += [m.end() for m in _MATH_ENV.finditer(text) if m.group(0)[:2] in ("$$", "\\[")
+             and (m.group(0)[:-2].rstrip().endswith(".") or re.match(r"\s+[A-Z]", text[m.end():]))]
+    cuts = [0] + sorted(cuts) + [len(text)]
+    return [text[a:b].strip() for a, b in zip(cuts, cuts[1:]) if text[a:b].strip(" \n.!?;")]
+
+
+def _leading_value(pred: str) -> str | None:
+    """The maths at the start of a predicate: '8 centimeters shorter at 5 PM' -> '8 centimeters',
+    'x = 5 and x = -2.' -> 'x = 5 and x = -2', '$\\frac{1}{2}$, which ...' -> '\\frac{1}{2}'."""
+    pred = _FILLER.sub("", pred).strip()
+    toks, pos, kinds = [], 0, []
+    while True:
+        m = _RUN_TOKEN.match(pred, pos)
+        if not m:
+            break
+        kind, val = m.lastgroup, m.group(m.lastgroup)
+        if kind == "word":
+            nxt = _RUN_TOKEN.match(pred, m.end())
+            nkind = nxt.lastgroup if nxt else None
+            prev = kinds[-1] if kinds else None
+            w = val.lower().rstrip(".")
+            if w in ("and", "or") and prev and nkind in ("num", "env", "cmd", "op", "word"):
+                pass
+            elif len(w) == 1 and (prev in ("num", "op", "cmd") or nkind == "cmd"
+                                  or (nkind == "op" and nxt.group("op") in "=+-*/^_<>≤≥≠!(")):
+                pass
+            elif _unit_key(w) and prev in ("num", "op", "word", "env") and any(k in ("num", "env") for k in kinds):
+                pass
+            else:
+                break
+        toks.append((kind, val, m.start(), m.end()))
+        kinds.append(kind)
+        pos = m.end()
+    while toks and (toks[-1][1].lower() in _SEPARATORS):
+        toks.pop()
+    if not toks or not any(k in ("num", "env", "cmd") or (k == "word" and len(v) == 1) for k, v, _, _ in toks):
+        return None
+    if toks[0][0] == "env" and len(toks) == 1:
+        env = _MATH_ENV.fullmatch(toks[0][1])
+        return next(g for g in env.groups() if g is not None) if env else toks[0][1]
+    return pred[toks[0][2]: toks[-1][3]].strip()
+
+
+def _statement_answer(sentence: str) -> str | None:
+    """The answer of one final statement, read from its last clause that holds one ('..., so she needs 2 cars'
+    -> '2'; '..., i.e. 2/3' -> '2/3'): the value after the clause's last copula ('is', 'are', 'equals', '=',
+    'gets', ...; `x = 5` is a value, not a copula) that starts with maths or is a short phrase ('an even
+    function'), else maths the clause starts with, else its last math environment or number. A sentence without
+    digits has its number words read as numbers ('twelve toys' -> '12 toys')."""
+    s = unicode_to_latex(_MARKDOWN.sub("", sentence)).strip().rstrip(".!?;").strip()
+    if not re.search(r"\d", s):
+        s = words_to_digits(s)
+    blank = _MATH_ENV.sub(lambda m: "x" * len(m.group(0)), s)
+    cuts = [0] + [m.end() for m in _CLAUSE.finditer(blank)]
+    for start in reversed(cuts):
+        clause, cblank = s[start:], blank[start:]
+        for m in reversed(list(_COPULA.finditer(cblank))):
+            if m.group(0) == "=" and re.search(r"(?:^|[\s,(])[A-Za-z](?:_\{?\w+\}?)?\s*$", cblank[:m.start()]):
+                continue  # x = 5 is the value itself
+            pred = clause[m.end():]
+            value = _leading_value(pred)
+            if value:
+                return value
+            words = _FILLER.sub("", pred).strip()
+            if _META_ANSWER.fullmatch(words):  # '$x \\ge 5$ is the solution': the subject is the answer
+                return _last_candidate(clause[:m.start()])
+            if re.fullmatch(r"[A-Za-z]+(?:[\s-]+[A-Za-z]+){0,3}", words):
+                return words
+            break
+        value = _leading_value(clause)
+        if value:
+            return value
+        last = _last_candidate(clause)
+        if last:
+            return last
+    return None
+
+
+def _final_statement(text: str) -> str | None:
+    """No answer marker: the answer is in the final statement (the last sentence holding one, of the last 3)."""
+    for sentence in reversed(_sentences(_HOPE.split(text)[0])[-3:]):
+        ans = _statement_answer(sentence)
+        if ans:
+            return ans
+    return None
+
+
 def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     """(answer, method) or (None, error_type)."""
     text = cut_continuation(_clean(response))
@@ -203,22 +332,21 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     if ans is None:
         open_env = text.rfind("\\[") > text.rfind("\\]") or text.rfind("\\(") > text.rfind("\\)") \
             or text.count("$$") % 2 == 1
-        if open_env:
+        if open_env or _unfinished(text):
             return None, "truncated"
-        if gsm:
-            nums = _GSM_NUMBER.findall(text)
-            ans, method = (nums[-1], "last_number") if nums else (None, "")
-        elif len(text) <= 80 and "\n" not in text.strip() and not _MATH_ENV.search(text) \
+        if len(text) <= 80 and "\n" not in text.strip() and not _MATH_ENV.search(text) and not _STATEMENT.search(text) \
                 and (len(_PROSE_WORD.findall(text)) < 3 if re.search(r"[\d\\]", text) else " " not in text.strip()):
             ans, method = text, "whole"
         else:
-            ans, method = _last_candidate(text), "last_candidate"
+            ans, method = _final_statement(text), "final_statement"
     if ans is None or not ans.strip():
         return None, "no_answer"
     ans = ans.strip()
-    if gsm and _plain_number(ans) is None:  # "18 apples", "$18": keep the number
+    if gsm and _plain_number(ans) is None:  # "18 apples", "$18", "25 m^{2}": keep the number
+        ans = re.sub(r"(?<=[A-Za-z])\^\{?[23]\}?", "", ans)
         nums = _GSM_NUMBER.findall(ans)
-        if nums and not re.search(r"[\d^!+*/=()<>]", _GSM_NUMBER.sub(" ", ans)):
+        rest = _GSM_NUMBER.sub(" ", ans)
+        if nums and not re.search(r"[\d^!+*/=()<>]", rest):
             ans = nums[-1]
     return ans, method
 
@@ -242,17 +370,41 @@ litre litres l ml gallon gallons gal quart quarts pint pints cup cups mile² m²
 people person persons students student apples marbles cookies points times ways handshakes
 """.split())
 _MULTIPLIERS = {"thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}", "trillion": "10^{12}"}
-_WORD_NUMBERS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen".split())}
-_WORD_NUMBERS.update({w: 10 * i for i, w in enumerate(
-    "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i >= 2})
-_UNICODE = {"−": "-", "–": "-", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ", "√": r"\sqrt ",
-            "π": r"\pi ", "∞": r"\infty ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "∈": r"\in ",
-            "∪": r"\cup ", "°": "", "€": "", "£": "", "¥": "", "²": "^2", "³": "^3", "\u2009": " ",
-            "\u00a0": " ", "±": r"\pm "}
 _TEXT_CMDS = r"text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|mathsf|operatorname|rm|bf|boldsymbol"
 _TRAILING_TEXT = re.compile(r"\\(?:" + _TEXT_CMDS + r")\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+
+
+_UNIT_NAMES = {  # canonical unit: its spellings (plural and abbreviations)
+    "in": "in in. inch inches", "ft": "ft ft. foot feet", "yd": "yd yard yards", "mi": "mi mile miles",
+    "m": "m meter meters metre metres", "cm": "cm centimeter centimeters centimetre centimetres",
+    "mm": "mm millimeter millimeters", "km": "km kilometer kilometers kilometre kilometres",
+    "h": "h hr hrs hour hours", "min": "min mins minute minutes", "s": "s sec secs second seconds",
+    "day": "day days", "week": "week weeks", "month": "month months", "year": "yr yrs year years",
+    "deg": "deg degree degrees", "rad": "rad radian radians", "cent": "cent cents", "dollar": "dollar dollars",
+    "lb": "lb lbs pound pounds", "oz": "oz ounce ounces", "g": "g gram grams", "kg": "kg kilogram kilograms",
+    "l": "l liter liters litre litres", "ml": "ml milliliter milliliters", "gal": "gal gallon gallons",
+    "mph": "mph", "unit": "unit units",
+}
+_UNIT_OF = {w: k for k, ws in _UNIT_NAMES.items() for w in ws.split()}
+
+
+def _unit_key(word: str) -> str | None:
+    return _UNIT_OF.get(word.lower()) or ("" if word.lower() in _UNITS else None)
+
+
+def _trailing_unit(answer: str) -> str | None:
+    """The canonical unit an answer ends with ('5 \\text{ in.}' -> 'in', '12 square centimeters' -> 'cm^2',
+    '12 cm^{2}' -> 'cm^2'); None when it has none or an unknown one. `unit(s)` is a wildcard ('')."""
+    s = re.sub(r"\\(?:" + _TEXT_CMDS + r")\s*\{([^{}]*)\}", r" \1 ", unicode_to_latex(answer))
+    s = re.sub(r"\\[,;!: ]|\$|~", " ", s).strip().rstrip(".").strip()
+    m = re.search(r"(?:\d|\})\s*((?:square|sq\.?|cubic|cu\.?)\s+)?([A-Za-z]+\.?)\s*(?:\^\s*\{?\s*([23])\s*\}?)?$", s)
+    if not m:
+        return None
+    unit = _UNIT_OF.get(m.group(2).lower()) or _UNIT_OF.get(m.group(2).lower().rstrip("."))
+    if unit is None:
+        return None
+    power = m.group(3) or ("2" if (m.group(1) or "").startswith("s") else "3" if m.group(1) else "")
+    return "" if unit == "unit" else unit + ("^" + power if power else "")
 
 
 def _is_units(words: str) -> bool:
@@ -261,12 +413,27 @@ def _is_units(words: str) -> bool:
 
 
 def _words_to_number(s: str) -> str:
-    w = s.strip().lower().replace("-", " ").split()
-    if not w or not all(x in _WORD_NUMBERS for x in w) or len(w) > 2:
-        return s
-    if len(w) == 2 and not (_WORD_NUMBERS[w[0]] >= 20 and _WORD_NUMBERS[w[0]] % 10 == 0 and _WORD_NUMBERS[w[1]] < 10):
-        return s
-    return str(sum(_WORD_NUMBERS[x] for x in w))
+    """A number written in words ('one hundred twenty', 'forty-eight') is that number."""
+    v = words_value(s) if re.fullmatch(r"[A-Za-z\s-]+", s) else None
+    return s if v is None else str(v)
+
+
+_NO_SOLUTION = re.compile(r"(?:there (?:are|is) )?(?:no(?: real)? (?:solutions?|roots?|values?|such \w+)|none|"
+                          r"\\\{\s*\\\}|\{\s*\}|\\mathbb\s*\{?\s*\\?\{\}\}?)", re.I)
+
+
+def _exact_forms(s: str) -> str:
+    """Answer forms with one exact value: a repeating decimal (`0.\\overline{36}`, `0.666...`) is its fraction; a
+    mixed number `2 1/2` is 5/2 (numerator below denominator); `\\sqrt{3} \\approx 1.732` is `\\sqrt{3}`."""
+    r = repeating_decimal(s)
+    if r is not None:
+        return f"\\frac{{{r.p}}}{{{r.q}}}"
+    m = re.fullmatch(r"(-?)\s*(\d+)\s+(\d+)\s*/\s*(\d+)", s)
+    if m and 0 < int(m.group(3)) < int(m.group(4)):
+        whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        return f"{m.group(1)}\\frac{{{whole * den + num}}}{{{den}}}"
+    m = re.fullmatch(r"(.*\S)\s*(?:\\approx|≈)\s*-?\d[\d,]*\.\d+\.*", s, re.S)
+    return m.group(1) if m else s
 
 
 def normalize_answer(s: str) -> str:
@@ -274,13 +441,13 @@ def normalize_answer(s: str) -> str:
     s = _clean(s).strip()
     if len(s) > MAX_ANSWER_CHARS:  # compared as a string only; skip the regex work
         return re.sub(r"\s+", " ", s)
-    for k, v in _UNICODE.items():
-        s = s.replace(k, v)
+    s = unicode_to_latex(s)
     while True:  # unwrap \boxed{...} around the whole answer
         m = re.fullmatch(r"\\(?:boxed|fbox)\s*\{(.*)\}", s, re.S)
         if not m or _brace_group(s, s.index("{")) != len(s):
             break
         s = m.group(1).strip()
+    s = _exact_forms(s)
     s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d)", r"\1", s)  # 14{,}916
     s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
     s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b", "", s)
@@ -309,6 +476,8 @@ def normalize_answer(s: str) -> str:
     for word, power in _MULTIPLIERS.items():
         s = re.sub(r"(\d)\s*" + word + r"\b", r"\1\\cdot " + power, s)
     s = _words_to_number(s)
+    if _NO_SOLUTION.fullmatch(s):
+        s = "\\{\\}"
     m = re.fullmatch(r"\(?\s*([A-Ea-e])\s*\)?", s)  # multiple choice (C)
     if m:
         s = m.group(1).upper()
@@ -330,13 +499,41 @@ def _plain_number(s: str) -> Fraction | None:
     return -value if m.group(1) == "-" else value
 
 
-def _close(a: complex, b: complex) -> bool:
+def _close(a: complex, b: complex, tol: float = RELATIVE_TOLERANCE) -> bool:
     if a == b:
         return True
     if not (cmath.isfinite(a) and cmath.isfinite(b)):
         return False
-    return abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b)) or abs(a - b) <= 1e-12
+    return abs(a - b) <= tol * max(abs(a), abs(b)) or abs(a - b) <= 1e-12
 
+
+@dataclass(frozen=True)
+class _Ctx:
+    """One comparison: its cooperative deadline and its numeric rule (see _tolerance)."""
+    deadline: float
+    tol: float  # relative tolerance between numbers (or expressions at sample points) that are not identical
+    digits: tuple[int, int] | None = None  # a decimal prediction's (significant digits, decimal places)
+
+
+_EXACT_TOLERANCE = 1e-9  # float noise of evaluating two exact expressions
+_DECIMAL = re.compile(r"-?(\d*)\.(\d+)")
+
+
+def _tolerance(p: str, g: str) -> _Ctx:
+    """Approximation rule: numbers agree within RELATIVE_TOLERANCE only when the gold is itself written as a
+    decimal. Against an exact gold (integer, fraction, surd, pi, e, log, ...) a decimal prediction must be
+    exactly equal (2.5 = 5/2, 0.75 = 3/4), so `1.414` is not `\\sqrt{2}` and `7.389` is not `e^2`; the one
+    exception is a rational gold with a repeating expansion, written out to >= 6 significant digits and right to
+    within one unit of its last digit (`0.0833333` or `0.166667` for 1/12 and 1/6)."""
+    deadline = time.monotonic() + TIME_BUDGET_S
+    if re.search(r"(?<![\d.])\d*\.\d", g):
+        return _Ctx(deadline, RELATIVE_TOLERANCE)
+    m = _DECIMAL.fullmatch(p.strip())
+    digits = None
+    if m:
+        sig = len((m.group(1) + m.group(2)).lstrip("0"))
+        digits = (sig, len(m.group(2)))
+    return _Ctx(deadline, _EXACT_TOLERANCE, digits)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,6 +591,30 @@ def _is_name(raw: str) -> bool:
     return 0 < len(raw) <= 30 and not re.search(r"\d", bare) and bool(re.search(r"[A-Za-z]", raw))
 
 
+def _set_builder(s: str, deadline: float):
+    """Set-builder notation `\\{x \\mid x < -2 \\text{ or } x > 3\\}` is the region of its condition ('or' is a
+    union, 'and' and ',' an intersection)."""
+    m = re.fullmatch(r"\\\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)\s*(.+)\\\}", s, re.S)
+    if not m:
+        raise _Refused("bad set-builder")
+    cond = m.group(1)
+    ors = [p for p, _ in _split_top(cond, ("or",)) if p.strip()]
+    if len(ors) > 1:
+        return ("union", [_value(p, deadline) for p in ors])
+    ands = [p for p, _ in _split_top(cond, ("and", ",")) if p.strip()]
+    return ("inter", [_value(p, deadline) for p in ands]) if len(ands) > 1 else _value(cond, deadline)
+
+
+def _side(raw: str, lhs: bool, deadline: float):
+    """One side of a relation; the left side of `=` may be a name the parser does not know (`\\angle ABC`)."""
+    try:
+        return _value(raw, deadline)
+    except _Refused:
+        if lhs and _is_name(raw.strip()):
+            return ("expr", sp.Symbol(re.sub(r"\W+", "_", raw.strip())))
+        raise
+
+
 def _value(s: str, deadline: float):
     """Structured value of a normalised answer: a tagged tuple."""
     if time.monotonic() > deadline:
@@ -407,6 +628,8 @@ def _value(s: str, deadline: float):
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
         return ("matrix", [[_value(c, deadline) for c in r.split("&")] for r in rows])
+    if re.match(r"\\\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)", s) and s.endswith("\\}"):
+        return _set_builder(s, deadline)
     pieces = [(p.strip(), sep) for p, sep in _split_top(s, (",", ";", "and", "or")) if p.strip()]
     if len(pieces) > 1:
         if any(sep == ";" for _, sep in pieces) and any(sep == "," for _, sep in pieces):
@@ -421,7 +644,13 @@ def _value(s: str, deadline: float):
             return _value(parts[1][0], deadline)
         if "∈" in ops or any(not p.strip() for p, _ in parts):
             raise _Refused("bad relation")
-        return ("rel", [(p.strip(), _value(p, deadline)) for p, _ in parts], ops)
+        return ("rel", [(p.strip(), _side(p, k == 0 and ops[0] == "=", deadline)) for k, (p, _) in enumerate(parts)], ops)
+    if re.fullmatch(r"\\mathbb\s*\{?R\}?|\\R|\\mathbb\{R\}|\(-\\infty\s*,\s*\\infty\)|all real numbers", s):
+        return ("all",)
+    parts = _split_top(s, ("\\setminus", "\\backslash", "\\cap"))
+    if len(parts) == 2:
+        a, b = (_value(p, deadline) for p, _ in parts)
+        return ("inter", [a, ("not", b)]) if parts[1][1] != "\\cap" else ("inter", [a, b])
     parts = _split_top(s, ("\\cup",))
     if len(parts) > 1:
         return ("union", [_value(p, deadline) for p, _ in parts])
@@ -511,17 +740,19 @@ def _num(e, env: dict) -> complex | None:
         return None
 
 
-def _expr_equal(a, b, deadline: float) -> bool:
+def _expr_equal(a, b, ctx: _Ctx) -> bool:
     if a == b:
         return True
     if a.is_Integer and b.is_Integer:  # integers are exact; the tolerance is for approximations
         return False
+    if ctx.digits and a.is_Rational and b.is_Rational and ctx.digits[0] >= 6 and _repeats(b):
+        return abs(a - b) <= sp.Rational(1, 10 ** ctx.digits[1])
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if len(syms) > len(_SAMPLE_POINTS[0]) * 2:
         return False
     agree = 0
     for point in (_SAMPLE_POINTS if syms else _SAMPLE_POINTS[:1]):
-        if time.monotonic() > deadline:
+        if time.monotonic() > ctx.deadline:
             raise _Timeout
         env = {s: complex(point[k % 4] + 0.1 * (k // 4)) for k, s in enumerate(syms)}
         va, vb = _num(a, env), _num(b, env)
@@ -531,10 +762,19 @@ def _expr_equal(a, b, deadline: float) -> bool:
             return False
         if cmath.isnan(va) and cmath.isnan(vb):
             continue
-        if not _close(va, vb):
+        if not _close(va, vb, ctx.tol):
             return False
         agree += 1
     return agree > 0
+
+
+def _repeats(r) -> bool:
+    """True if the rational r has an infinite decimal expansion (its denominator has a prime other than 2, 5)."""
+    q = int(r.q)
+    for f in (2, 5):
+        while q % f == 0:
+            q //= f
+    return q != 1
 
 
 def _exact_zero(d) -> bool:
@@ -562,13 +802,24 @@ def _region(v):
             return None
         lo, hi, lc, hc = lo.real, hi.real, v[1] == "[", v[2] == "]"
         return (lambda t: (lo < t or (lc and t == lo)) and (t < hi or (hc and t == hi))), [lo, hi], None
+    if v[0] == "all":
+        return (lambda t: True), [], None
+    if v[0] == "not":
+        sub = _region(v[1]) if v[1][0] != "expr" else _point_region(v[1][1])
+        return None if sub is None else ((lambda t: not sub[0](t)), sub[1], sub[2])
+    if v[0] == "inter":
+        subs = [_region(x) if x[0] != "expr" else _point_region(x[1]) for x in v[1]]
+        if any(s is None for s in subs):
+            return None
+        var = next((s[2] for s in subs if s[2] is not None), None)
+        return (lambda t: all(s[0](t) for s in subs)), [c for s in subs for c in s[1]], var
     if v[0] in ("union", "list"):
         subs = [_region(x) if x[0] != "expr" else _point_region(x[1]) for x in v[1]]
         if not subs or any(s is None for s in subs):
             return None
         var = next((s[2] for s in subs if s[2] is not None), None)
         return (lambda t: any(s[0](t) for s in subs)), [c for s in subs for c in s[1]], var
-    if v[0] == "rel" and all(op in "<>≤≥" for op in v[2]):
+    if v[0] == "rel" and all(op in "<>≤≥≠" for op in v[2]):
         exprs = [p[1][1] for p in v[1] if p[1][0] == "expr"]
         if len(exprs) != len(v[1]):
             return None
@@ -601,7 +852,7 @@ def _point_region(e):
 
 def _holds(a: float, op: str, b: float) -> bool:
     eq = abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
-    return {"<": a < b and not eq, ">": a > b and not eq, "≤": a < b or eq, "≥": a > b or eq}[op]
+    return {"<": a < b and not eq, ">": a > b and not eq, "≤": a < b or eq, "≥": a > b or eq, "≠": not eq}[op]
 
 
 def _regions_equal(p, g) -> bool | None:
@@ -616,75 +867,98 @@ def _regions_equal(p, g) -> bool | None:
     return all(rp[0](t) == rg[0](t) for t in points)
 
 
-def _match(p, g, deadline: float) -> bool:
-    if time.monotonic() > deadline:
+def _match(p, g, ctx: _Ctx) -> bool:
+    if time.monotonic() > ctx.deadline:
         raise _Timeout
+    if {p[0], g[0]} & {"all", "not", "inter"}:
+        return bool(_regions_equal(p, g))
+    if {p[0], g[0]} == {"list", "tuple"}:
+        t = _assignment_tuple(p if p[0] == "list" else g)
+        if t is not None:
+            return _match(t, g, ctx) if p[0] == "list" else _match(p, t, ctx)
     if p[0] == "list" or g[0] == "list":
-        return _match_lists(_as_list(p), _as_list(g), deadline)
+        return _match_lists(_as_list(p), _as_list(g), ctx)
     if p[0] == "rel" or g[0] == "rel":
-        return _match_rel(p, g, deadline)
+        return _match_rel(p, g, ctx)
     if p[0] == "union" or g[0] == "union":
         r = _regions_equal(p, g)
-        return bool(r) if r is not None else (p[0] == g[0] and _match_lists(p[1], g[1], deadline))
+        return bool(r) if r is not None else (p[0] == g[0] and _match_lists(p[1], g[1], ctx))
     if p[0] != g[0]:
         return False
     if p[0] == "expr":
-        return _expr_equal(p[1], g[1], deadline)
+        return _expr_equal(p[1], g[1], ctx)
     if p[0] == "tuple":
         return (p[1], p[2]) == (g[1], g[2]) and len(p[3]) == len(g[3]) and \
-            all(_match(x, y, deadline) for x, y in zip(p[3], g[3]))
+            all(_match(x, y, ctx) for x, y in zip(p[3], g[3]))
     if p[0] == "ratio":
-        return len(p[1]) == len(g[1]) and all(_match(x, y, deadline) for x, y in zip(p[1], g[1]))
+        return len(p[1]) == len(g[1]) and all(_match(x, y, ctx) for x, y in zip(p[1], g[1]))
     if p[0] == "matrix":
         return [len(r) for r in p[1]] == [len(r) for r in g[1]] and \
-            all(_match(x, y, deadline) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg))
+            all(_match(x, y, ctx) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg))
     return False
 
 
-def _match_lists(ps: list, gs: list, deadline: float) -> bool:
+def _assignment_tuple(v):
+    """Assignments `x = 2, y = -3` (distinct one-letter names, any order) are the tuple of their values in the
+    names' alphabetical order, (2, -3); None if v is not such a list."""
+    names, vals = [], []
+    for item in v[1]:
+        if item[0] != "rel" or item[2] != ["="] or len(item[1]) != 2:
+            return None
+        name = re.sub(r"[\s{}]", "", item[1][0][0])
+        if not re.fullmatch(r"[A-Za-z](?:_\w+)?", name):
+            return None
+        names.append(name)
+        vals.append(item[1][1][1])
+    if len(set(names)) != len(names) or len(names) < 2:
+        return None
+    return ("tuple", "(", ")", [val for _, val in sorted(zip(names, vals), key=lambda nv: nv[0])])
+
+
+def _match_lists(ps: list, gs: list, ctx: _Ctx) -> bool:
     """Unordered: every gold item matches a distinct prediction item (duplicates in either are merged)."""
     ps = [_strip_name(v) for v in ps]
     gs = [_strip_name(v) for v in gs]
     ps = [v for k, v in enumerate(ps) if v not in ps[:k]]
     gs = [v for k, v in enumerate(gs) if v not in gs[:k]]
     if len(ps) == 1 and len(gs) == 1:
-        return _match(ps[0], gs[0], deadline)
+        return _match(ps[0], gs[0], ctx)
     if len(ps) != len(gs):
         return False
     free = list(range(len(ps)))
     for g in gs:
-        hit = next((k for k in free if _match(ps[k], g, deadline)), None)
+        hit = next((k for k in free if _match(ps[k], g, ctx)), None)
         if hit is None:
             return False
         free.remove(hit)
     return True
 
 
-def _match_rel(p, g, deadline: float) -> bool:
+def _match_rel(p, g, ctx: _Ctx) -> bool:
     if g[0] == "rel" and p[0] == "rel":
         if g[2] == ["="] * len(g[2]) and p[2] == ["="] * len(p[2]):
             gl, pl = g[1][0][0], p[1][0][0]
             if _is_name(gl) and _is_name(pl):
-                return _key(gl) == _key(pl) and _match(p[1][-1][1], g[1][-1][1], deadline)
-            return _equations_equal(p, g, deadline)
+                return _key(gl) == _key(pl) and _match(p[1][-1][1], g[1][-1][1], ctx)
+            return _equations_equal(p, g, ctx)
         r = _regions_equal(p, g)
         if r is not None:
             return r
         flip = {"<": ">", ">": "<", "≤": "≥", "≥": "≤", "≠": "≠"}
         for parts, ops in ((p[1], p[2]), (p[1][::-1], [flip.get(o, o) for o in p[2][::-1]])):
-            if ops == g[2] and all(_match(x[1], y[1], deadline) for x, y in zip(parts, g[1])):
+            if ops == g[2] and all(_match(x[1], y[1], ctx) for x, y in zip(parts, g[1])):
                 return True
         return False
     if g[0] == "rel":
         if g[2] == ["="] * len(g[2]) and _is_name(g[1][0][0]):
-            return _match(p, g[1][-1][1], deadline)
+            return _match(p, g[1][-1][1], ctx)
         return bool(_regions_equal(p, g))
     if p[2] == ["="] * len(p[2]):  # a prediction x = 5 + 5 = 10 answers with its last side
-        return _match(p[1][-1][1], g, deadline)
+        return _match(p[1][-1][1], g, ctx)
     return bool(_regions_equal(p, g))
 
 
-def _equations_equal(p, g, deadline: float) -> bool:
+def _equations_equal(p, g, ctx: _Ctx) -> bool:
     """Equations a = b and c = d agree if a - b is a constant non-zero multiple of c - d."""
     parts = [x[1] for x in (p[1][0], p[1][-1], g[1][0], g[1][-1])]
     if any(x[0] != "expr" for x in parts):
@@ -710,23 +984,49 @@ def _equations_equal(p, g, deadline: float) -> bool:
 
 def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
     """(equal, error_type if not equal)."""
+    pu, gu = _trailing_unit(pred), _trailing_unit(gold)
+    if pu and gu and pu != gu:  # both state a unit: '5 ft' is not '5 inches' (units: _UNIT_NAMES)
+        return False, "wrong"
     p, g = normalize_answer(pred), normalize_answer(gold)
+    if re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", g) and re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", p) \
+            and _word_answer(p) == _word_answer(g).lower():
+        return True, None
     if _key(p) == _key(g) or (_key(p).lower() == _key(g).lower() and not re.search(r"[=<>≤≥]", p)):
         return True, None
     pn, gn = _plain_number(p), _plain_number(g)
     if pn is not None and gn is not None:
-        if re.fullmatch(r"[-+]?[\d,]+", p) and re.fullmatch(r"[-+]?[\d,]+", g):  # integers are exact
-            return pn == gn, "wrong"
-        return _close(complex(pn), complex(gn)), "wrong"
+        if pn == gn or (re.search(r"\\%|%|percent", pred) and not re.search(r"%|percent", gold) and pn / 100 == gn):
+            return True, None
+        if re.search(r"(?<![\d.])\d*\.\d", g):  # the gold is a decimal: tolerance (see _tolerance)
+            return _close(complex(pn), complex(gn)), "wrong"
+        return False, "wrong"
     if max(len(p), len(g)) > MAX_ANSWER_CHARS:
         return False, "wrong"
     deadline = time.monotonic() + TIME_BUDGET_S
     try:
-        return _match(_value(p, deadline), _value(g, deadline), deadline), "wrong"
+        ctx = _tolerance(p, g)
+        return _match(_value(p, deadline), _value(g, deadline), ctx), "wrong"
     except _Timeout:
         return False, "timeout"
     except (_Refused, RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
         return False, "parse_error"
+
+
+def _yes_no(response: str) -> tuple[str, str] | None:
+    """Yes/no golds: a response (or its final sentence) that starts with the word Yes or No answers with it."""
+    text = _MARKDOWN.sub("", cut_continuation(_clean(response))).strip()
+    sentences = _sentences(text)
+    for chunk in (text, sentences[-1] if sentences else ""):
+        m = re.match(r"[\W_]*(yes|no)\b(?![\s-]+(?:one|longer|more|matter|other|such|solution|real))", chunk, re.I)
+        if m:
+            return m.group(1).capitalize(), "yes_no"
+    return None
+
+
+def _word_answer(s: str) -> str:
+    """Words compared as an answer: 'an even function' -> 'even' (articles and a generic head noun dropped)."""
+    s = re.sub(r"^(?:an?|the)\s+", "", s.strip().lower())
+    return re.sub(r"\s+(?:function|number|integer|one|answer|case)s?$", "", s)
 
 
 def is_equiv(pred: str, gold: str, dataset: str = "math") -> bool:
@@ -737,6 +1037,8 @@ def is_equiv(pred: str, gold: str, dataset: str = "math") -> bool:
 def grade(response: str, gold: str, dataset: str, truncated: bool = False) -> Verdict:
     """Extract the answer from a full model response and compare it with the gold answer."""
     answer, how = _extract(response, dataset)
+    if how not in EXPLICIT_METHODS and normalize_answer(gold).lower() in ("yes", "no"):
+        answer, how = _yes_no(response) or (answer, how)
     if answer is None:
         return Verdict(False, None, how)
     if truncated and how not in EXPLICIT_METHODS:
