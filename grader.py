@@ -29,10 +29,13 @@ from __future__ import annotations
 import cmath
 import json
 import math
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import sympy as sp
 
@@ -84,12 +87,12 @@ _IS_SPLIT = re.compile(r"\s(?:is|are|was|equals|be|of)\s", re.I)
 
 
 def _clean(text: str) -> str:
-    """Untrusted text to a bounded str without lone surrogates."""
+    """Untrusted text to a bounded str (its tail) with lone surrogates dropped."""
     if not isinstance(text, str):
         text = "" if text is None else str(text)
     if len(text) > MAX_RESPONSE_CHARS:
         text = text[-MAX_RESPONSE_CHARS:]
-    return text.encode("utf-8", "replace").decode("utf-8").replace("\u2212", "-")
+    return text.encode("utf-8", "ignore").decode("utf-8").replace("\u2212", "-")
 
 
 def cut_continuation(response: str) -> str:
@@ -196,6 +199,8 @@ _RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+
 _STATEMENT = re.compile(r"\b(?:is|are|was|were|so|thus|hence|therefore|then|we|the|i\.e)\b|[.!?]\s*$", re.I)
 _CLAUSE = re.compile(r"(?:,|;|\band)\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)|\bi\.e\.,?", re.I)
 _META_ANSWER = re.compile(r"(?:the|our|my)\s+(?:final\s+|required\s+)?(?:answer|solution|result)s?(?:\s+set)?", re.I)
+_ADVERBIAL = re.compile(r"\b(?:(?:in|after|for|at|per|within|during|every|each|over|before)\s+(?:the\s+(?:next\s+|first\s+"
+                        r"|last\s+)?)?\$?|to\s+[a-z]+\s+(?:the\s+)?)\d+(?:[.:]\d+)?(?:\s*(?:[ap]\.?m\.?\b))?", re.I)
 _SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "≤", "≥", "≠", "(", "[", "{", "|"}
 
 
@@ -204,12 +209,14 @@ def _unfinished(text: str) -> bool:
     punctuation or math delimiter, and not an equation/label line that ends on a single value (`5 × 7 = 35`)."""
     lines = text.rstrip().split("\n")
     last = lines[-1].strip()
-    if not last or _TERMINAL.search(last) or (len(lines) == 1 and len(last) <= 80 and not _DANGLING.search(last)):
+    if not last or _TERMINAL.search(last):
         return False
     if _DANGLING.search(last):
         return True
-    tail = re.split(r"=|:\s", last)
-    return len(tail) < 2 or not re.fullmatch(r"\s*[-$]?\d[\d,.]*%?(?:\s+[A-Za-z]+){0,2}\s*", tail[-1])
+    if len(lines) == 1 and len(last) <= 80 and not _STATEMENT.search(last):
+        return False  # a bare answer
+    tail = re.split(r"=|:\s|\b(?:is|are|was|equals)\b", last)
+    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\d[\d,.]*[%€£¥°²³]*(?:\s*[A-Za-z]+[²³]?){0,3}\s*", tail[-1])
 
 
 def _sentences(text: str) -> list[str]:
@@ -263,10 +270,11 @@ def _statement_answer(sentence: str) -> str | None:
     """The answer of one final statement, read from its last clause that holds one ('..., so she needs 2 cars'
     -> '2'; '..., i.e. 2/3' -> '2/3'): the value after the clause's last copula ('is', 'are', 'equals', '=',
     'gets', ...; `x = 5` is a value, not a copula) that starts with maths or is a short phrase ('an even
-    function'), else maths the clause starts with, else its last math environment or number. A sentence without
-    digits has its number words read as numbers ('twelve toys' -> '12 toys')."""
+    function'), else the clause itself if it is maths, else its last math environment or number outside
+    adverbial phrases ('in 2 hours', 'to buy 3 books'). Number words in a sentence without digits outside its
+    maths are read as numbers ('twelve toys' -> '12 toys')."""
     s = unicode_to_latex(_MARKDOWN.sub("", sentence)).strip().rstrip(".!?;").strip()
-    if not re.search(r"\d", s):
+    if not re.search(r"\d", _MATH_ENV.sub(" ", s)):
         s = words_to_digits(s)
     blank = _MATH_ENV.sub(lambda m: "x" * len(m.group(0)), s)
     cuts = [0] + [m.end() for m in _CLAUSE.finditer(blank)]
@@ -286,9 +294,10 @@ def _statement_answer(sentence: str) -> str | None:
                 return words
             break
         value = _leading_value(clause)
-        if value:
-            return value
-        last = _last_candidate(clause)
+        if value and re.fullmatch(r"[\s.,;!?]*", clause[clause.find(value) + len(value):]
+                                  if value in clause else "x"):
+            return value  # the clause is the maths itself: 'x \\in (-\\infty, 1)'
+        last = _last_candidate(_ADVERBIAL.sub(lambda m: " " * len(m.group(0)), clause)) or _last_candidate(clause)
         if last:
             return last
     return None
@@ -450,7 +459,7 @@ def normalize_answer(s: str) -> str:
     s = _exact_forms(s)
     s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d)", r"\1", s)  # 14{,}916
     s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
-    s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b", "", s)
+    s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b|\*\*|__", "", s)
     s = re.sub(r"\\q?quad|(?<!\\)\\[,;: ]|~", " ", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
@@ -489,6 +498,8 @@ def _key(s: str) -> str:
 
 
 def _plain_number(s: str) -> Fraction | None:
+    if len(s) > 200:  # also keeps int() below Python's digit limit
+        return None
     s = s.replace(" ", "") if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s) else s
     m = re.fullmatch(r"([-+]?)(\d{1,3}(?:,\d{3})+|\d*)(\.\d*)?(?:[eE]([-+]?\d{1,3}))?", s)
     if not m or not (m.group(2) or (m.group(3) or "")[1:]):
@@ -747,6 +758,8 @@ def _expr_equal(a, b, ctx: _Ctx) -> bool:
         return False
     if ctx.digits and a.is_Rational and b.is_Rational and ctx.digits[0] >= 6 and _repeats(b):
         return abs(a - b) <= sp.Rational(1, 10 ** ctx.digits[1])
+    if ctx.digits and a.is_Rational and b.is_number and not b.is_Rational:
+        return False  # a decimal is never an irrational gold, to any number of digits
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if len(syms) > len(_SAMPLE_POINTS[0]) * 2:
         return False
@@ -917,8 +930,8 @@ def _assignment_tuple(v):
 
 def _match_lists(ps: list, gs: list, ctx: _Ctx) -> bool:
     """Unordered: every gold item matches a distinct prediction item (duplicates in either are merged)."""
-    ps = [_strip_name(v) for v in ps]
-    gs = [_strip_name(v) for v in gs]
+    ps = [x for v in ps for x in _as_list(_strip_name(v))]
+    gs = [x for v in gs for x in _as_list(_strip_name(v))]
     ps = [v for k, v in enumerate(ps) if v not in ps[:k]]
     gs = [v for k, v in enumerate(gs) if v not in gs[:k]]
     if len(ps) == 1 and len(gs) == 1:
@@ -1052,22 +1065,82 @@ def score_fn(prediction: str, gold: str, dataset: str) -> bool:
     return grade(prediction, gold, dataset).correct
 
 
-def grade_file(input_path: str, output_path: str) -> dict:
-    """Re-grade a predictions JSONL ({"id", "dataset", "response", "gold"[, "truncated"]}) into verdict rows
-    ({"id", "correct", "extracted", "error_type"}). Returns {"n", "correct", "accuracy"}."""
-    n = correct = 0
-    with open(input_path, encoding="utf-8") as fin, open(output_path, "w", encoding="utf-8") as fout:
-        for lineno, line in enumerate(fin, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                v = grade(row["response"], str(row["gold"]), row["dataset"], bool(row.get("truncated", False)))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{input_path}:{lineno}: expected a JSON object with keys id, dataset, "
-                                 f"response, gold ({type(e).__name__}: {e}); fix or drop that line") from e
-            fout.write(json.dumps({"id": row.get("id"), "correct": v.correct, "extracted": v.extracted,
-                                   "error_type": v.error_type}, ensure_ascii=False) + "\n")
-            n += 1
-            correct += v.correct
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+GRADE_DATASETS = {"gsm8k": "gsm8k", "math": "math", "math500": "math"}  # row "dataset" -> grader dataset
+TRUNCATED_REASONS = ("length", "max_tokens", "max_new_tokens")  # finish_reason values of a cut-off generation
+FINISHED_REASONS = ("stop", "eos", "eos_token", "end_turn", "stop_sequence")
+
+
+class BadRow(ValueError):
+    """A predictions row that cannot be graded (its message names the file and line)."""
+
+
+def _grade_row(row, where: str) -> dict:
+    """One predictions row -> its verdict row; raises BadRow naming `where` (file:line) and the fix."""
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("id", "dataset", "response", "gold") if row.get(k) is None]
+    if missing:
+        raise BadRow(f"{where}: missing field(s) {', '.join(missing)}; every row needs id, dataset, response, gold "
+                     "(optional finish_reason or truncated)")
+    dataset = GRADE_DATASETS.get(str(row["dataset"]).lower())
+    if dataset is None:
+        raise BadRow(f"{where}: unknown dataset {row['dataset']!r}; expected one of {', '.join(GRADE_DATASETS)}")
+    if not isinstance(row["response"], str):
+        raise BadRow(f"{where}: field response must be a string, got {type(row['response']).__name__}")
+    reason = row.get("finish_reason")
+    if reason is not None and str(reason).lower() not in TRUNCATED_REASONS + FINISHED_REASONS:
+        raise BadRow(f"{where}: unknown finish_reason {reason!r}; expected one of "
+                     f"{', '.join(TRUNCATED_REASONS + FINISHED_REASONS)} (or a boolean field truncated)")
+    truncated = row.get("truncated")
+    if truncated is not None and not isinstance(truncated, bool):
+        raise BadRow(f"{where}: field truncated must be true or false, got {truncated!r}")
+    truncated = bool(truncated) or (reason is not None and str(reason).lower() in TRUNCATED_REASONS)
+    v = grade(row["response"], str(row["gold"]), dataset, truncated=truncated)
+    return {"id": row["id"], "correct": v.correct, "extracted": v.extracted, "error_type": v.error_type}
+
+
+def grade_file(input_path: str, output_path: str, skip_bad_rows: bool = False) -> dict:
+    """Re-grade a predictions JSONL (rows {"id", "dataset", "response", "gold"[, "finish_reason" | "truncated"]};
+    dataset gsm8k, math or math500; finish_reason "length" or truncated true marks a generation cut off at its
+    token limit, whose unmarked answer is not credited) into verdict rows {"id", "correct", "extracted",
+    "error_type"}. A bad row (not JSON, a missing field, an unknown dataset) raises BadRow naming the file and
+    line, or with skip_bad_rows is skipped and counted. The output is written to a temporary file beside it and
+    renamed into place at the end, so a failed run leaves an existing output untouched; an output path that is
+    the input is refused. Returns {"n", "correct", "accuracy", "skipped"}."""
+    src, dst = Path(input_path), Path(output_path)
+    if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        raise BadRow(f"--output {output_path} is the input file; write the verdicts to another path")
+    n = correct = skipped = 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with open(src, "rb") as fin, os.fdopen(fd, "w", encoding="utf-8") as fout:
+            for lineno, raw in enumerate(fin, 1):
+                where = f"{input_path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadRow(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                     "each line must be one JSON object") from None
+                    out = _grade_row(row, where)
+                except UnicodeDecodeError:
+                    if not skip_bad_rows:
+                        raise BadRow(f"{where}: not UTF-8 text; re-save the file as UTF-8") from None
+                    skipped += 1
+                    continue
+                except BadRow:
+                    if not skip_bad_rows:
+                        raise
+                    skipped += 1
+                    continue
+                fout.write(json.dumps(out, ensure_ascii=False) + "\n")
+                n += 1
+                correct += out["correct"]
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "skipped": skipped}

@@ -412,6 +412,8 @@ def repeating_decimal(s: str):
     """`0.\\overline{36}`, `0.1\\overline{6}`, `0.(3)`, `0.3636...`, `0.666\\ldots` -> the exact sympy Rational;
     None if s is not written as a repeating decimal (a trailing ellipsis needs a period seen at least twice,
     or one digit three times)."""
+    if len(s) > 200:
+        return None
     m = re.fullmatch(r"(-?)(\d*)\.(\d*)(?:\\overline\s*\{(\d+)\}|\\overline\s*(\d)|\((\d+)\))", s.strip())
     if m:
         sign, whole, pre, period = m.group(1), m.group(2) or "0", m.group(3), m.group(4) or m.group(5) or m.group(6)

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from grader import (
     RELATIVE_TOLERANCE,
+    BadRow,
     Verdict,
     cut_continuation,
     extract_answer,
@@ -60,7 +66,7 @@ def test_cut_continuation():
 EQUIVALENT = [  # (prediction, gold, dataset)
     ("7,425,000", "7425000", "gsm8k"), ("$1,000.99", "1000.99", "gsm8k"), ("1 000", "1000", "gsm8k"),
     (".4", "0.4", "gsm8k"), ("1000.0", "1000", "gsm8k"), ("−5", "-5", "gsm8k"), ("1.2e3", "1200", "gsm8k"),
-    ("\\dfrac{5}{12}", "\\frac{5}{12}", "math"), ("0.41667", "\\frac{5}{12}", "math"),
+    ("\\dfrac{5}{12}", "\\frac{5}{12}", "math"), ("0.416667", "\\frac{5}{12}", "math"),
     ("2\\sqrt{2}", "\\sqrt{8}", "math"), ("\\pi/4", "\\frac{\\pi}{4}", "math"), ("45^\\circ", "45", "math"),
     ("(-\\infty, 3]", "(-\\infty,3]", "math"), ("x \\le 3", "(-\\infty,3]", "math"),
     ("5 \\geq x", "x \\leq 5", "math"), ("-2 \\le x \\le 7", "x \\in [-2, 7]", "math"),
@@ -79,7 +85,7 @@ EQUIVALENT = [  # (prediction, gold, dataset)
     ("(5,8) and (8,5)", "(8, 5), (5, 8)", "math"), ("\\frac94\\pi", "\\frac{9}{4}\\pi", "math"),
 ]
 NOT_EQUIVALENT = [
-    ("9999", "10000", "gsm8k"), ("0.4", "4", "gsm8k"), ("0.4166", "\\frac{5}{12}", "math"),
+    ("9999", "10000", "gsm8k"), ("0.4", "4", "gsm8k"), ("0.41667", "\\frac{5}{12}", "math"),
     ("(-\\infty, 3)", "(-\\infty,3]", "math"), ("x < 3", "(-\\infty,3]", "math"), ("x > -1", "x < 1", "math"),
     ("(1, 2, 3)", "(3,2,1)", "math"), ("(7,6)", "(6,7)", "math"), ("\\{1,3\\}", "(3,1)", "math"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "math"),
@@ -101,9 +107,14 @@ def test_not_equivalent(pred, gold, dataset):
     assert not is_equiv(pred, gold, dataset)
 
 
-def test_relative_tolerance_is_documented_value():
-    assert RELATIVE_TOLERANCE == 1e-4
-    assert is_equiv("3.14159", "\\pi") and not is_equiv("3.14", "\\pi")
+def test_relative_tolerance_applies_to_decimal_golds_only():
+    # a decimal gold: agreement within RELATIVE_TOLERANCE (relative), not beyond it
+    assert is_equiv("2.0001", "2.0") and 0.0001 / 2.0 < RELATIVE_TOLERANCE
+    assert not is_equiv("2.0003", "2.0") and 0.0003 / 2.0 > RELATIVE_TOLERANCE
+    assert is_equiv("16\\pi", "50.27")  # the exact value rounds to the decimal gold
+    # an exact gold: no tolerance, however many digits
+    assert not is_equiv("3.14159", "\\pi") and not is_equiv("3.14159265358979", "\\pi")
+    assert not is_equiv("1000.0001", "1000") and is_equiv("1000.000", "1000")
 
 
 def test_normalize_answer():
@@ -119,31 +130,42 @@ def test_grade_verdicts():
     assert grade("nothing here", "3", "math").error_type == "no_answer"
 
 
-ADVERSARIAL = {
-    "10k nested braces": "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
-    "unclosed braces": "\\boxed{" * 50_000,
-    "nested parens": "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}",
-    "power tower": "\\boxed{10^{10^{10}}}",
-    "2^2^2^2^2": "\\boxed{2^{2^{2^{2^{2}}}}}",
-    "huge factorial": "\\boxed{100000!}",
-    "1 MB response": "We have $x$ and " * 70_000 + "\\boxed{5}",
-    "1 MB of dollars": "$" * 1_000_000,
-    "1 MB of \\[": "\\[" * 500_000,
-    "1 MB prose": ("the answer is " + "a" * 1000) * 1000,
-    "lone surrogates": "the answer is \ud800 5 \udfff",
-    "20k minus signs": "\\boxed{" + "-" * 20_000 + "1}",
-    "deep fractions": "\\boxed{" + "\\frac{1}{" * 3_000 + "2" + "}" * 3_000 + "}",
-    "sin of a huge number": "\\boxed{\\sin(10^{5000})}",
-    "long list": "\\boxed{" + ",".join(str(i) for i in range(300)) + "}",
+ADVERSARIAL = {  # name: (response, expected verdict with gold "5"); a real answer is hidden in some of them
+    "10k nested braces": ("\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}", False),
+    "unclosed braces": ("\\boxed{" * 50_000, False),
+    "nested parens": ("\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}", False),
+    "power tower": ("\\boxed{10^{10^{10}}}", False),
+    "2^2^2^2^2": ("\\boxed{2^{2^{2^{2^{2}}}}}", False),
+    "huge factorial": ("\\boxed{100000!}", False),
+    "1 MB response, answer at the end": ("We have $x$ and " * 70_000 + "\\boxed{5}", True),
+    "1 MB of dollars": ("$" * 1_000_000, False),
+    "1 MB of \\[": ("\\[" * 500_000, False),
+    "1 MB prose": (("the answer is " + "a" * 1000) * 1000, False),
+    "1 MB prose, answer at the end": (("we note " + "a" * 1000 + ". ") * 1000 + "The answer is 5.", True),
+    "1 MB of number words": ("one two three " * 80_000 + "So the answer is five.", True),
+    "1 MB of unicode maths": ("√π²×−∞ " * 150_000 + "The answer is 5.", True),
+    "lone surrogates around the answer": ("the answer is 5 \ud800.", True),
+    "lone surrogates, wrong answer": ("the answer is \ud800 6 \udfff.", False),
+    "20k minus signs": ("\\boxed{" + "-" * 20_000 + "1}", False),
+    "deep fractions": ("\\boxed{" + "\\frac{1}{" * 3_000 + "2" + "}" * 3_000 + "}", False),
+    "sin of a huge number": ("\\boxed{\\sin(10^{5000})}", False),
+    "long list": ("\\boxed{" + ",".join(str(i) for i in range(300)) + "}", False),
+    "set-builder bomb": ("\\boxed{\\{x \\mid " + " or ".join(f"x > {i}" for i in range(300)) + "\\}}", False),
+    "repeating-decimal bomb": ("The answer is 0." + "123456" * 20_000 + "...", False),
+    "final-statement bomb": ("So x is " + "= " * 100_000 + "5 and", False),
 }
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
-def test_adversarial_inputs_return_a_verdict(name):
+def test_adversarial_inputs_get_the_right_verdict_within_2s(name):
+    response, expected = ADVERSARIAL[name]
     for dataset in ("math", "gsm8k"):
-        v = grade(ADVERSARIAL[name], "5", dataset)
-        assert isinstance(v, Verdict)
-        assert v.correct == (name == "1 MB response") or name == "lone surrogates"
+        t0 = time.perf_counter()
+        v = grade(response, "5", dataset)
+        elapsed = time.perf_counter() - t0
+        assert isinstance(v, Verdict) and v.correct is expected, (dataset, v)
+        assert (v.error_type is None) is expected  # a verdict, with a reason when it is not correct
+        assert elapsed <= 2.0, f"{name} ({dataset}): {elapsed:.2f} s"
 
 
 def test_refused_huge_values_are_not_equal_to_small_ones():
@@ -154,16 +176,102 @@ def test_refused_huge_values_are_not_equal_to_small_ones():
 def test_grade_file_roundtrip(tmp_path):
     rows = [{"id": "a", "dataset": "gsm8k", "response": "... #### 72", "gold": "72"},
             {"id": "b", "dataset": "math", "response": "so \\boxed{\\frac{1}{2}}", "gold": "0.5"},
-            {"id": "c", "dataset": "math", "response": "no idea", "gold": "3"}]
+            {"id": "c", "dataset": "math500", "response": "no idea", "gold": "3"},
+            {"id": "d", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": 64,
+             "finish_reason": "length"},
+            {"id": "e", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": 64,
+             "finish_reason": "stop"},
+            {"id": "f", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": "64",
+             "truncated": True}]
     inp, out = tmp_path / "preds.jsonl", tmp_path / "verdicts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = grade_file(str(inp), str(out))
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert summary["correct"] == 2 and summary["n"] == 3
+    assert summary == {"n": 6, "correct": 3, "accuracy": 0.5, "skipped": 0}
     assert got[2] == {"id": "c", "correct": False, "extracted": None, "error_type": "no_answer"}
-    inp.write_text('{"id": "x"}\n')
-    with pytest.raises(ValueError, match="preds.jsonl:1"):
+    assert [g["error_type"] for g in got[3:]] == ["truncated", None, "truncated"]  # finish_reason / truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl", "verdicts.jsonl"]  # no temp file left
+
+
+BAD_ROWS = {  # line -> the words the error must contain
+    '{"id": "x"}': "missing field(s) dataset, response, gold",
+    '{"dataset": "math", "response": "1", "gold": "1"}': "missing field(s) id",
+    '{"id": 1, "dataset": "mmlu", "response": "1", "gold": "1"}': "unknown dataset 'mmlu'",
+    '{"id": 1, "dataset": "math", "response": "1", "gold": "1", "finish_reason": "cut"}': "unknown finish_reason",
+    '{"id": 1, "dataset": "math", "response": "1", "gold": "1", "truncated": "yes"}': "truncated must be",
+    '{"id": 1, "dataset": "math", "response": 5, "gold": "1"}': "response must be a string",
+    "not json at all": "not valid JSON",
+    '["a", "list"]': "expected a JSON object",
+}
+
+
+@pytest.mark.parametrize("line", list(BAD_ROWS))
+def test_grade_file_bad_rows_name_the_line_or_are_skipped(tmp_path, line):
+    good = json.dumps({"id": "g", "dataset": "math", "response": "\\boxed{1}", "gold": "1"})
+    inp, out = tmp_path / "preds.jsonl", tmp_path / "verdicts.jsonl"
+    inp.write_text(good + "\n\n" + line + "\n" + good + "\n")
+    out.write_text("previous verdicts\n")
+    with pytest.raises(BadRow, match="preds.jsonl:3: ") as e:
         grade_file(str(inp), str(out))
+    assert BAD_ROWS[line] in str(e.value)
+    assert out.read_text() == "previous verdicts\n"  # a failed grade leaves the old output as it was
+    assert grade_file(str(inp), str(out), skip_bad_rows=True) == {"n": 2, "correct": 2, "accuracy": 1.0, "skipped": 1}
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_grade_file_refuses_to_overwrite_its_input(tmp_path):
+    inp = tmp_path / "preds.jsonl"
+    inp.write_text(json.dumps({"id": "g", "dataset": "math", "response": "\\boxed{1}", "gold": "1"}) + "\n")
+    before = inp.read_bytes()
+    for out in (inp, tmp_path / "." / "preds.jsonl"):
+        with pytest.raises(BadRow, match="is the input file"):
+            grade_file(str(inp), str(out))
+    assert inp.read_bytes() == before
+
+
+def _grade_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "evalmath.py"), "grade", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+CLI_FAILURES = {  # name: (input lines, extra args, words of the one error line)
+    "output is the input": (['{"id": 1, "dataset": "math", "response": "\\\\boxed{1}", "gold": "1"}'],
+                            ["--output", "preds.jsonl"], "is the input file"),
+    "not JSON": (["{oops"], [], "preds.jsonl:1: not valid JSON"),
+    "row without id": (['{"dataset": "math", "response": "1", "gold": "1"}'], [], "preds.jsonl:1: missing field(s) id"),
+    "unknown dataset": (['{"id": 1, "dataset": "aime", "response": "1", "gold": "1"}'], [],
+                        "preds.jsonl:1: unknown dataset 'aime'"),
+    "missing gold on line 2": (['{"id": 1, "dataset": "math", "response": "1", "gold": "1"}',
+                                '{"id": 2, "dataset": "math", "response": "1"}'], [], "preds.jsonl:2: missing field(s) gold"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_FAILURES))
+def test_grade_cli_bad_input_is_one_line_and_keeps_existing_output(tmp_path, name):
+    lines, extra, words = CLI_FAILURES[name]
+    (tmp_path / "preds.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "verdicts.jsonl").write_text("old verdicts\n")
+    before = (tmp_path / "preds.jsonl").read_text()
+    r = _grade_cli(tmp_path, "--input", "preds.jsonl", *(extra or ["--output", "verdicts.jsonl"]))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr
+    assert (tmp_path / "preds.jsonl").read_text() == before  # input never wiped
+    assert (tmp_path / "verdicts.jsonl").read_text() == "old verdicts\n"  # a failed grade truncates nothing
+
+
+def test_grade_cli_skip_bad_rows_counts_them(tmp_path):
+    rows = ['{"id": 1, "dataset": "gsm8k", "response": "The answer is 7.", "gold": "7"}', "{oops",
+            '{"dataset": "math", "response": "1", "gold": "1"}',
+            '{"id": 4, "dataset": "gsm8k", "response": "So she pays 8 * 5 + 8 * 3 = 64", "gold": "64", '
+            '"finish_reason": "length"}']
+    (tmp_path / "preds.jsonl").write_text("\n".join(rows) + "\n")
+    r = _grade_cli(tmp_path, "--input", "preds.jsonl", "--output", "out/verdicts.jsonl", "--skip_bad_rows")
+    assert r.returncode == 0, r.stderr
+    assert "graded 2 rows: accuracy 50.00, skipped 2 bad rows" in r.stdout
+    got = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
+    assert [(g["id"], g["correct"], g["error_type"]) for g in got] == [(1, True, None), (4, False, "truncated")]
 
 
 def test_dev_cases_accuracy(shared):
