@@ -1,18 +1,27 @@
-"""Answer extraction and equivalence for GSM8K and MATH (evalmath's grader, split out at its seam).
+"""Answer extraction and equivalence for GSM8K and MATH (evalmath's grader).
 
     from grader import grade, extract_answer, is_equiv, Verdict
     grade(response, gold, dataset, truncated=False) -> Verdict(correct, extracted, error_type)
 
 Extraction (first rule that succeeds, on the response cut before a run-on `Question:`/`Q:`/`Problem:`):
-the last brace-balanced `\\boxed{}`/`\\fbox{}` (adjacent boxes joined into a list); "final answer is" /
-"the answer is"; `#### N`; an `Answer: N` line; then, GSM8K: the last number; MATH: the last math
-environment or number (never from an output that stops inside an open `\\[`/`\\(`/`$$`).
+the last brace-balanced `\\boxed{}`/`\\fbox{}` (adjacent boxes joined into a list, nested boxes are one);
+"final answer is" / "the answer is"; `#### N`; an `Answer: N` line. Without such a marker:
+- an unfinished response is no answer (error_type "truncated"): one cut off inside an open `\\[`/`\\(`/`$$`,
+  or whose last line stops mid-sentence (_unfinished); `truncated=True` (the generation hit its token limit)
+  also refuses an unmarked answer, so only a marker written before the cut counts;
+- a short bare answer is the whole response; otherwise the answer is read from the final statement
+  (_final_statement): the value after its last copula ("The area is 12 cm²." -> 12 cm², not its first
+  number), in its last clause ("..., so she needs 2 cars."), with numbers in words read as numbers;
+- a yes/no gold is answered by a response or final sentence that starts with Yes or No (_yes_no).
 
-Equivalence: normalised strings; numbers (commas, `{,}`, `\\!`, `$`, `%`, units, e-notation, unicode minus)
-within RELATIVE_TOLERANCE; otherwise both sides go through a small recursive-descent LaTeX/plain-math
-parser (mathparse.py) into sympy objects and structures (lists/sets, tuples/intervals, unions, matrices,
-relations). Expressions are equal if sympy's canonical forms agree, or if they agree numerically at three
-fixed points for their free symbols (a Schwartz-Zippel style identity test); relations and intervals are
+Equivalence: normalised strings (unicode and plain-text maths become LaTeX: mathparse.unicode_to_latex;
+repeating decimals, mixed numbers and "≈ decimal" tails: _exact_forms; numbers in words; units: _trailing_unit).
+Plain numbers compare exactly unless the gold is itself a decimal (_tolerance: a decimal approximation of an
+exact gold such as `1.414` for `\\sqrt{2}` is wrong). Otherwise both sides go through a small
+recursive-descent LaTeX/plain-math parser (mathparse.py) into sympy objects and structures (lists/sets,
+tuples/intervals, unions, set-builder and set-difference regions, matrices, relations, assignments).
+Expressions are equal if sympy's canonical forms agree, or if they agree numerically at three fixed points for
+their free symbols (a Schwartz-Zippel style identity test); relations, intervals and sets of reals are
 compared as regions of the real line at all their endpoints, just beside them and between them.
 
 Safety: model output is untrusted. Nothing here calls eval, sympify, parse_expr or simplify. Every
@@ -120,7 +129,8 @@ def _brace_group(text: str, start: int, limit: int = 4 * MAX_ANSWER_CHARS) -> in
 
 
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """Balanced boxes near the end: (start, end, content), last first, adjacent boxes only."""
+    """Balanced boxes near the end: (start, end, content), last first, adjacent boxes only; a box nested in
+    another (`\\boxed{\\boxed{12}}`) is the outer box."""
     out = []
     for m in reversed(list(_BOX.finditer(text))[-20:]):
         if m.end() < len(text) and text[m.end()] == "{":
@@ -188,7 +198,8 @@ _MARKDOWN = re.compile(r"\*\*|__|`+|^\s*(?:[-*>]|#+|\d+\.)\s+", re.M)
 _TERMINAL = re.compile(r"(?:[.!?。)\]]|\$|\\\]|\\\)|\*\*)[\s\"'*_]*$")
 _DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|the|a|an|of|to|is|are|be|by|for|with|which|"
                        r"that|then|so|we|gives|giving|get|so|as|in|at|from|than|plus|minus|times|into)\b)\s*$", re.I)
-_COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have)\b"
+_COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have"
+                     r"|(?:simplifies|reduces|evaluates|comes|amounts|works out|equal|equals|rounds) to)\b"
                      r"|(?<![<>!=])=(?!=)|:(?=\s)", re.I)
 _FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|"
                      r"still|also)\b|\s*[:,])+", re.I)
@@ -446,7 +457,8 @@ def _exact_forms(s: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    """Answer string -> canonical LaTeX-ish string (for cheap exact checks and the parser)."""
+    """Answer string -> canonical LaTeX-ish string (for cheap exact checks and the parser). `\\emptyset`,
+    `\\varnothing`, `∅` and 'no (real) solution(s)/roots', 'none' are all the empty set."""
     s = _clean(s).strip()
     if len(s) > MAX_ANSWER_CHARS:  # compared as a string only; skip the regex work
         return re.sub(r"\s+", " ", s)
@@ -534,8 +546,8 @@ def _tolerance(p: str, g: str) -> _Ctx:
     """Approximation rule: numbers agree within RELATIVE_TOLERANCE only when the gold is itself written as a
     decimal. Against an exact gold (integer, fraction, surd, pi, e, log, ...) a decimal prediction must be
     exactly equal (2.5 = 5/2, 0.75 = 3/4), so `1.414` is not `\\sqrt{2}` and `7.389` is not `e^2`; the one
-    exception is a rational gold with a repeating expansion, written out to >= 6 significant digits and right to
-    within one unit of its last digit (`0.0833333` or `0.166667` for 1/12 and 1/6)."""
+    exception is a rational gold with a repeating expansion written out to >= 6 significant digits, rounded or
+    truncated in its last digit (`0.0833333`, `0.166667`, `0.1666666` for 1/12 and 1/6; not `0.428572` for 3/7)."""
     deadline = time.monotonic() + TIME_BUDGET_S
     if re.search(r"(?<![\d.])\d*\.\d", g):
         return _Ctx(deadline, RELATIVE_TOLERANCE)
@@ -659,7 +671,7 @@ def _value(s: str, deadline: float):
     if re.fullmatch(r"\\mathbb\s*\{?R\}?|\\R|\\mathbb\{R\}|\(-\\infty\s*,\s*\\infty\)|all real numbers", s):
         return ("all",)
     parts = _split_top(s, ("\\setminus", "\\backslash", "\\cap"))
-    if len(parts) == 2:
+    if len(parts) == 2:  # set difference / intersection of regions: R \ {0} = (-oo, 0) u (0, oo)
         a, b = (_value(p, deadline) for p, _ in parts)
         return ("inter", [a, ("not", b)]) if parts[1][1] != "\\cap" else ("inter", [a, b])
     parts = _split_top(s, ("\\cup",))
@@ -681,7 +693,8 @@ def _value(s: str, deadline: float):
         parts = [p for p, _ in _split_top(s, (":",))]
         if len(parts) > 1:
             return ("ratio", [_value(p, deadline) for p in parts])
-    return ("expr", parse_math(s))
+    r = repeating_decimal(s)
+    return ("expr", r if r is not None else parse_math(s))
 
 
 def _strip_name(v):
@@ -757,7 +770,8 @@ def _expr_equal(a, b, ctx: _Ctx) -> bool:
     if a.is_Integer and b.is_Integer:  # integers are exact; the tolerance is for approximations
         return False
     if ctx.digits and a.is_Rational and b.is_Rational and ctx.digits[0] >= 6 and _repeats(b):
-        return abs(a - b) <= sp.Rational(1, 10 ** ctx.digits[1])
+        unit = sp.Rational(1, 10 ** ctx.digits[1])  # rounded, or truncated towards zero, in the last place
+        return bool(abs(a - b) <= unit / 2 or (a * b >= 0 and abs(a) <= abs(b) < abs(a) + unit))
     if ctx.digits and a.is_Rational and b.is_number and not b.is_Rational:
         return False  # a decimal is never an irrational gold, to any number of digits
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
@@ -996,7 +1010,10 @@ def _equations_equal(p, g, ctx: _Ctx) -> bool:
 # Public API
 
 def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
-    """(equal, error_type if not equal)."""
+    """(equal, error_type if not equal). Units: when both sides state a known unit they must be the same unit
+    (`5 in.` = `5\\text{ inches}`, `5 ft` != `5 inches`, `12 cm` != `12 cm^2`); a unit on one side only is
+    ignored. Words: a word gold is matched by the same words without an article or a generic head noun (`an even
+    function` = `even`). A prediction marked as a percentage may also be the gold as a fraction (25% = 0.25)."""
     pu, gu = _trailing_unit(pred), _trailing_unit(gold)
     if pu and gu and pu != gu:  # both state a unit: '5 ft' is not '5 inches' (units: _UNIT_NAMES)
         return False, "wrong"
@@ -1018,7 +1035,7 @@ def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
     deadline = time.monotonic() + TIME_BUDGET_S
     try:
         ctx = _tolerance(p, g)
-        return _match(_value(p, deadline), _value(g, deadline), ctx), "wrong"
+        return bool(_match(_value(p, deadline), _value(g, deadline), ctx)), "wrong"
     except _Timeout:
         return False, "timeout"
     except (_Refused, RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
@@ -1057,7 +1074,7 @@ def grade(response: str, gold: str, dataset: str, truncated: bool = False) -> Ve
     if truncated and how not in EXPLICIT_METHODS:
         return Verdict(False, answer, "truncated")
     ok, err = _equiv(answer, gold, dataset)
-    return Verdict(ok, answer, None if ok else err)
+    return Verdict(bool(ok), answer, None if ok else err)
 
 
 def score_fn(prediction: str, gold: str, dataset: str) -> bool:

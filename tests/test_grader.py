@@ -130,6 +130,138 @@ def test_grade_verdicts():
     assert grade("nothing here", "3", "math").error_type == "no_answer"
 
 
+# Rule tables: realistic responses for each rule, each with near misses the rule must still reject.
+# (response, gold, dataset, correct)
+RULES = {
+    "unfinished responses are not answers": [
+        ("Each box holds 6 eggs, so 4 boxes hold 6 * 4 = 24 eggs. She gives away", "24", "gsm8k", False),
+        ("Each box holds 6 eggs, so 4 boxes hold 6 * 4 = 24 eggs, and then", "24", "gsm8k", False),
+        ("The first part costs 12 + 12 = 24", "24", "gsm8k", True),  # an equation line ending on a value
+        ("The first part costs 12 + 12 = 20 + 4", "24", "gsm8k", False),  # ... not on an expression
+        ("Each box holds 6 eggs, so 4 boxes hold 24 eggs.", "24", "gsm8k", True),
+        ("We have $a = 3$ and so $a^2 =", "9", "math", False),
+        ("Since $a = 3$, we get $a^2 = 9$.", "9", "math", True),
+        ("The sum is $1 + 2 + 3 = 6$, and multiplying by the next term gives", "6", "math", False),
+        ("Final Answer: The final answer is $", "6", "math", False),
+        ("So the answer is \\boxed{6", "6", "math", False),
+        ("The product is $\\frac{3}{4} \\cdot \\frac{8}{9} = \\frac{2}{3}$ and the next factor is", "\\frac23", "math", False),
+        ("The son is 14 years old, and Raymond", "14", "gsm8k", False),
+        ("14", "14", "gsm8k", True),  # a bare answer is finished
+    ],
+    "cut off at max_new_tokens (truncated flag)": [
+        ("So 6 * 4 = 24 eggs in the boxes. Next", "24", "gsm8k", False),
+        ("So 6 * 4 = 24 eggs in total.", "24", "gsm8k", False),  # flag set: no marker, no credit
+        ("So 6 * 4 = 24 eggs in total. The answer is 24.", "24", "gsm8k", True),  # marker before the cut
+        ("Therefore the area is $\\boxed{24}$. Let me double-check by", "24", "math", True),
+    ],
+    "decimal approximations of exact golds are wrong": [
+        ("The length is $\\boxed{2.236}$.", "\\sqrt{5}", "math", False),
+        ("The length is $\\boxed{2.2360679775}$.", "\\sqrt{5}", "math", False),
+        ("The length is $\\boxed{\\sqrt{5}}$.", "\\sqrt{5}", "math", True),
+        ("The limit is $e^3 \\approx 20.09$.", "e^3", "math", True),  # the exact value is stated first
+        ("The limit is approximately 20.09.", "e^3", "math", False),
+        ("So the probability is 0.4.", "\\frac{2}{5}", "math", True),  # terminating: exactly equal
+        ("So the probability is 0.43.", "\\frac{3}{7}", "math", False),
+        ("So the probability is 0.428571.", "\\frac{3}{7}", "math", True),  # >= 6 digits of a repeating expansion
+        ("So the probability is 0.428572.", "\\frac{3}{7}", "math", False),  # ... off by two in the last place
+        ("The answer is 1000.01.", "1000", "gsm8k", False),
+        ("The answer is 12.50.", "12.5", "gsm8k", True),
+        ("The answer is 12.5001.", "12.5", "gsm8k", True),  # decimal gold: relative tolerance 1e-4
+        ("The answer is 12.51.", "12.5", "gsm8k", False),
+    ],
+    "plain-text and unicode maths": [
+        ("The period of the function is 2π.", "2\\pi", "math", True),
+        ("The period of the function is π.", "2\\pi", "math", False),
+        ("So the volume is 36π cm³.", "36\\pi", "math", True),
+        ("So the volume is 36 cm³.", "36\\pi", "math", False),
+        ("The solution set is (−∞, 1) ∪ (2, ∞).", "(-\\infty,1)\\cup(2,\\infty)", "math", True),
+        ("The solution set is (−∞, 1] ∪ (2, ∞).", "(-\\infty,1)\\cup(2,\\infty)", "math", False),
+        ("The distance is 2√13.", "2\\sqrt{13}", "math", True),
+        ("The distance is √13.", "2\\sqrt{13}", "math", False),
+        ("f′(x) simplifies to 3x² − 2x.", "3x^2-2x", "math", True),
+        ("It simplifies to 3x² + 2x.", "3x^2-2x", "math", False),
+        ("The result is 12 ÷ 4 × 3 = 9.", "9", "math", True),
+        ("The angle is 120°.", "120^\\circ", "math", True),
+        ("The angle is 60°.", "120^\\circ", "math", False),
+        ("Each side is ¾ of a metre.", "\\frac34", "math", True),
+    ],
+    "equivalent forms": [
+        ("The answer is $3\\frac{1}{3}$.", "\\frac{10}{3}", "math", True),
+        ("The answer is 3 1/3.", "\\frac{10}{3}", "math", True),
+        ("The answer is 31/3.", "\\frac{10}{3}", "math", False),  # not a mixed number
+        ("The answer is 3 2/3.", "\\frac{10}{3}", "math", False),
+        ("So $x = \\boxed{0.\\overline{27}}$.", "\\frac{3}{11}", "math", True),
+        ("So $x = \\boxed{\\frac{3}{11}}$.", "0.\\overline{27}", "math", True),
+        ("So $x = 0.272727\\ldots$.", "\\frac{3}{11}", "math", True),
+        ("So $x = \\boxed{0.27}$.", "\\frac{3}{11}", "math", False),
+        ("So $x = \\boxed{0.\\overline{72}}$.", "\\frac{3}{11}", "math", False),
+        ("The domain is $\\boxed{\\mathbb{R} \\setminus \\{2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", True),
+        ("The domain is $\\boxed{\\mathbb{R} \\setminus \\{-2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", False),
+        ("The domain is $\\boxed{\\{x \\mid x \\neq 2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", True),
+        ("$\\boxed{\\{x : x \\le 0 \\text{ or } x \\ge 4\\}}$", "(-\\infty,0]\\cup[4,\\infty)", "math", True),
+        ("$\\boxed{\\{x : x < 0 \\text{ or } x \\ge 4\\}}$", "(-\\infty,0]\\cup[4,\\infty)", "math", False),
+        ("$\\boxed{\\{x : 0 < x \\text{ and } x < 4\\}}$", "(0,4)", "math", True),
+        ("The equation has no real solutions.", "\\emptyset", "math", True),
+        ("$\\boxed{\\varnothing}$", "\\text{no solution}", "math", True),
+        ("$\\boxed{\\{0\\}}$", "\\emptyset", "math", False),
+        ("So $\\boxed{p = 4, q = -1}$.", "(4,-1)", "math", True),
+        ("So $\\boxed{q = -1, p = 4}$.", "(4,-1)", "math", True),
+        ("So $\\boxed{p = -1, q = 4}$.", "(4,-1)", "math", False),
+        ("The solutions are $x = 3$ and $x = -7$.", "-7, 3", "math", True),
+        ("The solutions are $x = -7$ and $x = 3$.", "3, -7", "math", True),
+        ("The solutions are $x = 7$ and $x = -3$.", "-7, 3", "math", False),
+        ("The solutions are $x = 3$ and $x = -7$ and $x = 0$.", "-7, 3", "math", False),
+        ("Therefore \\boxed{\\boxed{\\frac{1}{2}}}", "\\frac12", "math", True),
+        ("Therefore \\boxed{\\boxed{\\frac{1}{3}}}", "\\frac12", "math", False),
+    ],
+    "words": [
+        ("Yes. Every bounded monotone sequence converges.", "\\text{Yes}", "math", True),
+        ("No. Every bounded monotone sequence converges.", "\\text{Yes}", "math", False),
+        ("**No**, the function is not injective since $f(1) = f(-1)$.", "\\text{No}", "math", True),
+        ("Not quite: it is injective.", "\\text{No}", "math", False),
+        ("The number of diagonals is twenty.", "20", "math", True),
+        ("The number of diagonals is twenty-one.", "20", "math", False),
+        ("She read one hundred forty pages.", "140", "gsm8k", True),
+        ("She read one hundred fourteen pages.", "140", "gsm8k", False),
+        ("The side is $\\boxed{7 \\text{ ft}}$.", "7\\text{ feet}", "math", True),
+        ("The side is $\\boxed{7 \\text{ in.}}$.", "7\\text{ feet}", "math", False),
+        ("The area is 20 square inches.", "20\\text{ in}^2", "math", True),
+        ("The perimeter is 20 inches.", "20\\text{ in}^2", "math", False),
+        ("The function is odd.", "\\text{odd}", "math", True),
+        ("The function is neither even nor odd.", "\\text{odd}", "math", False),
+    ],
+    "final statement without a marker": [
+        ("Each ticket costs $8. For 5 tickets, she pays $40.", "40", "gsm8k", True),
+        ("Each ticket costs $8. For 5 tickets, she pays $45.", "40", "gsm8k", False),
+        ("The area is 12 cm².", "12", "math", True),
+        ("The area is 12 cm², about 2 cm² more than before.", "2", "math", False),
+        ("After 3 weeks, he has saved 75 dollars.", "75", "gsm8k", True),
+        ("After 75 weeks, he has saved 3 dollars.", "75", "gsm8k", False),
+        ("He needs 9 more stamps to fill 4 pages.", "9", "gsm8k", True),
+        ("So $7 \\cdot 6 = 42$ handshakes happen in total.", "42", "math", True),
+        ("With $n = 5$ we get $f(5) = 31$.", "31", "math", True),
+        ("With $n = 31$ we get $f(31) = 5$.", "31", "math", False),
+        ("Dividing, 9 ÷ 4 = 2.25, so she needs 3 buses.", "3", "gsm8k", True),
+        ("Dividing, 9 ÷ 4 = 2.25, so she needs 3 buses.", "2.25", "gsm8k", False),
+    ],
+}
+TRUNCATED_FLAG = "cut off at max_new_tokens (truncated flag)"
+
+
+@pytest.mark.parametrize("rule,response,gold,dataset,expected",
+                         [(rule, *case) for rule, cases in RULES.items() for case in cases],
+                         ids=[f"{rule[:20]}-{k}" for rule, cases in RULES.items() for k in range(len(cases))])
+def test_rule_tables(rule, response, gold, dataset, expected):
+    v = grade(response, gold, dataset, truncated=rule == TRUNCATED_FLAG)
+    assert v.correct is expected, v
+
+
+def test_every_rule_rejects_near_misses():
+    for rule, cases in RULES.items():
+        labels = [c[3] for c in cases]
+        assert labels.count(True) >= 1 and labels.count(False) >= 1, rule
+
+
 ADVERSARIAL = {  # name: (response, expected verdict with gold "5"); a real answer is hidden in some of them
     "10k nested braces": ("\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}", False),
     "unclosed braces": ("\\boxed{" * 50_000, False),
