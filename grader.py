@@ -199,9 +199,10 @@ _TERMINAL = re.compile(r"(?:[.!?。)\]]|\$|\\\]|\\\)|\*\*)[\s\"'*_]*$")
 _DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|the|a|an|of|to|is|are|be|by|for|with|which|"
                        r"that|then|so|we|gives|giving|get|so|as|in|at|from|than|plus|minus|times|into)\b)\s*$", re.I)
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have"
-                     r"|(?:simplifies|reduces|evaluates|comes|amounts|works out|equal|equals|rounds) to)\b"
+                     r"|(?:simplifies|reduces|evaluates|comes|amounts|works out|equal|equals|rounds) to"
+                     r"|(?:factors|factored|written|expressed|rewritten|simplified) as)\b"
                      r"|(?<![<>!=])=(?!=)|:(?=\s)", re.I)
-_FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|"
+_FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|at|"
                      r"still|also)\b|\s*[:,])+", re.I)
 _RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+?\\\)|\\\[.+?\\\])"
                         r"|(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\.\.\.|\\ldots|…)?)"
@@ -209,7 +210,6 @@ _RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+
                         r"|(?P<word>[A-Za-z]+\.?))", re.S)
 _STATEMENT = re.compile(r"\b(?:is|are|was|were|so|thus|hence|therefore|then|we|the|i\.e)\b|[.!?]\s*$", re.I)
 _CLAUSE = re.compile(r"(?:,|;|\band)\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)|\bi\.e\.,?", re.I)
-_META_ANSWER = re.compile(r"(?:the|our|my)\s+(?:final\s+|required\s+)?(?:answer|solution|result)s?(?:\s+set)?", re.I)
 _ADVERBIAL = re.compile(r"\b(?:(?:in|after|for|at|per|within|during|every|each|over|before)\s+(?:the\s+(?:next\s+|first\s+"
                         r"|last\s+)?)?\$?|to\s+[a-z]+\s+(?:the\s+)?)\d+(?:[.:]\d+)?(?:\s*(?:[ap]\.?m\.?\b))?", re.I)
 _SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "≤", "≥", "≠", "(", "[", "{", "|"}
@@ -255,6 +255,8 @@ def _leading_value(pred: str) -> str | None:
             nkind = nxt.lastgroup if nxt else None
             prev = kinds[-1] if kinds else None
             w = val.lower().rstrip(".")
+            if w == "or" and toks and toks[-1][1] in (",", "("):
+                break  # '3/8, or 37.5%': a restatement follows
             if w in ("and", "or") and prev and nkind in ("num", "env", "cmd", "op", "word"):
                 pass
             elif len(w) == 1 and (prev in ("num", "op", "cmd") or nkind == "cmd"
@@ -280,9 +282,10 @@ def _leading_value(pred: str) -> str | None:
 def _statement_answer(sentence: str) -> str | None:
     """The answer of one final statement, read from its last clause that holds one ('..., so she needs 2 cars'
     -> '2'; '..., i.e. 2/3' -> '2/3'): the value after the clause's last copula ('is', 'are', 'equals', '=',
-    'gets', ...; `x = 5` is a value, not a copula) that starts with maths or is a short phrase ('an even
-    function'), else the clause itself if it is maths, else its last math environment or number outside
-    adverbial phrases ('in 2 hours', 'to buy 3 books'). Number words in a sentence without digits outside its
+    'gets', 'factors as', ...; `x = 5` is a value, not a copula) that starts with maths; when the predicate is
+    a few words, the subject if it is maths ('7 is the remainder') else those words ('$f$ is an even function',
+    'there are no real roots'); else the clause itself if it is maths; else its last math environment or
+    number outside adverbial phrases ('in 2 hours', 'to buy 3 books'). Number words in a sentence without digits outside its
     maths are read as numbers ('twelve toys' -> '12 toys')."""
     s = unicode_to_latex(_MARKDOWN.sub("", sentence)).strip().rstrip(".!?;").strip()
     if not re.search(r"\d", _MATH_ENV.sub(" ", s)):
@@ -299,18 +302,26 @@ def _statement_answer(sentence: str) -> str | None:
             if value:
                 return value
             words = _FILLER.sub("", pred).strip()
-            if _META_ANSWER.fullmatch(words):  # '$x \\ge 5$ is the solution': the subject is the answer
-                return _last_candidate(clause[:m.start()])
             if re.fullmatch(r"[A-Za-z]+(?:[\s-]+[A-Za-z]+){0,3}", words):
-                return words
+                subject = _whole_value(_FILLER.sub("", clause[:m.start()].split(",")[-1]))
+                if subject and not re.fullmatch(r"\s*[A-Za-z]\s*", subject):
+                    return subject  # '7 is the remainder', '4 + 5 + 6 = 15 apples were picked'
+                return words  # 'an even function', 'no real roots'
             break
-        value = _leading_value(clause)
-        if value and re.fullmatch(r"[\s.,;!?]*", clause[clause.find(value) + len(value):]
-                                  if value in clause else "x"):
+        value = _whole_value(clause)
+        if value:
             return value  # the clause is the maths itself: 'x \\in (-\\infty, 1)'
         last = _last_candidate(_ADVERBIAL.sub(lambda m: " " * len(m.group(0)), clause)) or _last_candidate(clause)
         if last:
             return last
+    return None
+
+
+def _whole_value(text: str) -> str | None:
+    """The maths that makes up all of text (up to closing punctuation), else None."""
+    value = _leading_value(text)
+    if value and value in text and re.fullmatch(r"(?:[\s.,;!?$]|\\[)\]])*", text[text.rfind(value) + len(value):]):
+        return value
     return None
 
 
@@ -491,7 +502,7 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
     s = re.sub(r"\\in(?![a-zA-Z])", " ∈ ", s)
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
-    m = re.fullmatch(r"(.*?\d[\d.}\s]*)\s*(?:\{\s*\}\s*)?\b([A-Za-z][A-Za-z.\s²]*?)(\^\s*\{?\d\}?)?", s)
+    m = re.fullmatch(r"(.*?\d[\d.}\s]*)\s*(?:\{\s*\}\s*)?\b([A-Za-z][A-Za-z.\s²/]*?)(\^\s*\{?\d\}?)?", s)
     if m and _is_units(m.group(2)):  # 64 square feet, 72 degrees
         s = m.group(1).strip()
     for word, power in _MULTIPLIERS.items():
@@ -899,6 +910,10 @@ def _match(p, g, ctx: _Ctx) -> bool:
         raise _Timeout
     if {p[0], g[0]} & {"all", "not", "inter"}:
         return bool(_regions_equal(p, g))
+    if {p[0], g[0]} == {"list", "union"}:  # 'x <= -2 or x >= 2' against a union of intervals
+        r = _regions_equal(p, g)
+        if r is not None:
+            return r
     if {p[0], g[0]} == {"list", "tuple"}:
         t = _assignment_tuple(p if p[0] == "list" else g)
         if t is not None:
