@@ -250,6 +250,8 @@ def _leading_value(pred: str) -> str | None:
         if not m:
             break
         kind, val = m.lastgroup, m.group(m.lastgroup)
+        if val == "\\approx" and toks:
+            break  # '25\\pi \\approx 78.54': the exact value comes first
         if kind == "word":
             nxt = _RUN_TOKEN.match(pred, m.end())
             nkind = nxt.lastgroup if nxt else None
@@ -262,7 +264,7 @@ def _leading_value(pred: str) -> str | None:
             elif len(w) == 1 and (prev in ("num", "op", "cmd") or nkind == "cmd"
                                   or (nkind == "op" and nxt.group("op") in "=+-*/^_<>≤≥≠!(")):
                 pass
-            elif _unit_key(w) and prev in ("num", "op", "word", "env") and any(k in ("num", "env") for k in kinds):
+            elif _unit_key(w) is not None and prev in ("num", "op", "word", "env") and any(k in ("num", "env") for k in kinds):
                 pass
             else:
                 break
