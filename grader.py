@@ -196,8 +196,11 @@ def _last_candidate(text: str) -> str | None:
 
 _MARKDOWN = re.compile(r"\*\*|__|`+|^\s*(?:[-*>]|#+|\d+\.)\s+", re.M)
 _TERMINAL = re.compile(r"(?:[.!?。)\]]|\$|\\\]|\\\)|\*\*)[\s\"'*_]*$")
-_DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|the|a|an|of|to|is|are|be|by|for|with|which|"
-                       r"that|then|so|we|gives|giving|get|so|as|in|at|from|than|plus|minus|times|into)\b)\s*$", re.I)
+_CALCULATOR = re.compile(r"<<[^<>\n]{0,200}>>")
+_DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|but|the|a|an|of|to|is|are|was|were|be|by|for|"
+                       r"with|which|that|this|these|then|so|we|he|she|it|they|his|her|its|their|our|gives|giving|get|"
+                       r"gets|as|in|on|at|from|than|plus|minus|into|per|each|every|if|when|because|since|"
+                       r"after|before|while|where|will|would|can|has|have|had|need|needs|let|us|there)\b)\s*$", re.I)
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have"
                      r"|(?:simplifies|reduces|evaluates|comes|amounts|works out|equal|equals|rounds) to"
                      r"|(?:factors|factored|written|expressed|rewritten|simplified) as)\b"
@@ -216,8 +219,10 @@ _SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "�
 
 
 def _unfinished(text: str) -> bool:
-    """An unmarked response is unfinished (not an answer) when its last line stops mid-sentence: no closing
-    punctuation or math delimiter, and not an equation/label line that ends on a single value (`5 × 7 = 35`)."""
+    """An unmarked response is unfinished (not an answer) when its last line stops mid-sentence: it ends on an
+    operator or a function word ('... = 24 and', '... which gives'), or it has no closing punctuation or math
+    delimiter and is not a statement that ends on a value and a few words after its last `=` or copula
+    (`5 × 7 = 35`, 'So he is 180-135=45 miles away from home')."""
     lines = text.rstrip().split("\n")
     last = lines[-1].strip()
     if not last or _TERMINAL.search(last):
@@ -226,8 +231,9 @@ def _unfinished(text: str) -> bool:
         return True
     if len(lines) == 1 and len(last) <= 80 and not _STATEMENT.search(last):
         return False  # a bare answer
-    tail = re.split(r"=|:\s|\b(?:is|are|was|equals)\b", last)
-    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\d[\d,.]*[%€£¥°²³]*(?:\s*[A-Za-z]+[²³]?){0,3}\s*", tail[-1])
+    tail = last.split("=") if "=" in last else re.split(r":\s|\b(?:is|are|was|equals)\b", last)
+    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\s?\d[\d,.]*[%€£¥°²³]*(?:\s*/?\s*[A-Za-z0-9'’-]+[²³]?){0,8}\s*",
+                                              tail[-1])
 
 
 def _sentences(text: str) -> list[str]:
@@ -308,7 +314,8 @@ def _statement_answer(sentence: str) -> str | None:
                 subject = _whole_value(_FILLER.sub("", clause[:m.start()].split(",")[-1]))
                 if subject and not re.fullmatch(r"\s*[A-Za-z]\s*", subject):
                     return subject  # '7 is the remainder', '4 + 5 + 6 = 15 apples were picked'
-                return words  # 'an even function', 'no real roots'
+                if not re.search(r"\d", re.sub(r"\$\s*[A-Za-z]\s*\$", " ", clause)):
+                    return words  # 'an even function', 'no real roots' (not '14 years since he was born')
             break
         value = _whole_value(clause)
         if value:
@@ -338,8 +345,10 @@ def _final_statement(text: str) -> str | None:
 
 def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     """(answer, method) or (None, error_type)."""
-    text = cut_continuation(_clean(response))
+    text = _CALCULATOR.sub("", cut_continuation(_clean(response)))  # GSM8K's <<48/2=24>> annotations
     gsm = dataset.lower().startswith("gsm")
+    if gsm:  # '$' before or after an amount is currency, not a math delimiter
+        text = re.sub(r"(?<!\\)\$(?=\s?-?[\d.])|(?<=\d)\$(?!\$)", "", text)
     ans, method = None, ""
     boxes = _boxes(text)
     if boxes:
@@ -377,9 +386,10 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     ans = ans.strip()
     if gsm and _plain_number(ans) is None:  # "18 apples", "$18", "25 m^{2}": keep the number
         ans = re.sub(r"(?<=[A-Za-z])\^\{?[23]\}?", "", ans)
-        nums = _GSM_NUMBER.findall(ans)
-        rest = _GSM_NUMBER.sub(" ", ans)
-        if nums and not re.search(r"[\d^!+*/=()<>]", rest):
+        rhs = ans.split("=")[-1]  # 'X = 26', '1+5+2 = 8 oranges'
+        nums = _GSM_NUMBER.findall(rhs)
+        rest = _GSM_NUMBER.sub(" ", rhs)
+        if nums and not re.search(r"[\d^!+*/=()<>]", re.sub(r"(?<=[A-Za-z])/(?=[A-Za-z])", " ", rest)):
             ans = nums[-1]
     return ans, method
 
