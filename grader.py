@@ -201,9 +201,9 @@ _DANGLING = re.compile(r"(?:[=+\-*/×÷,:;(\[{^_]|\\[a-zA-Z]+|\b(?:and|or|but|th
                        r"with|which|that|this|these|then|so|we|he|she|it|they|his|her|its|their|our|gives|giving|get|"
                        r"gets|as|in|on|at|from|than|plus|minus|into|per|each|every|if|when|because|since|"
                        r"after|before|while|where|will|would|can|has|have|had|need|needs|let|us|there)\b)\s*$", re.I)
-_COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|becomes|gives|get|gets|got|makes|yields|has|have"
+_COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|being|becomes|gives|get|gets|got|makes|yields|has|have|had"
                      r"|(?:simplifies|reduces|evaluates|comes|amounts|works out|equal|equals|rounds) to"
-                     r"|(?:factors|factored|written|expressed|rewritten|simplified) as)\b"
+                     r"|(?:factors|factored|written|expressed|rewritten|simplified) as|total of)\b"
                      r"|(?<![<>!=])=(?!=)|:(?=\s)", re.I)
 _FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|at|"
                      r"still|also)\b|\s*[:,])+", re.I)
@@ -212,10 +212,23 @@ _RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+
                         r"|(?P<cmd>\\[a-zA-Z]+|\\[{}%$])|(?P<op>[-+*/^=<>()\[\]{}|!_,%'≤≥≠]|\.(?=\d))"
                         r"|(?P<word>[A-Za-z]+\.?))", re.S)
 _STATEMENT = re.compile(r"\b(?:is|are|was|were|so|thus|hence|therefore|then|we|the|i\.e)\b|[.!?]\s*$", re.I)
-_CLAUSE = re.compile(r"(?:,|;|\band)\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)|\bi\.e\.,?", re.I)
+_CLAUSE = re.compile(r"(?:,|;|\band|(?<=\$))\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)"
+                     r"|\s(?=which (?:implies|means|gives)\b)"
+                     r"|\bi\.e\.,?", re.I)
 _ADVERBIAL = re.compile(r"\b(?:(?:in|after|for|at|per|within|during|every|each|over|before)\s+(?:the\s+(?:next\s+|first\s+"
-                        r"|last\s+)?)?\$?|to\s+[a-z]+\s+(?:the\s+)?)\d+(?:[.:]\d+)?(?:\s*(?:[ap]\.?m\.?\b))?", re.I)
+                        r"|last\s+)?)?\$?|to\s+[a-z]+\s+(?:the\s+)?|(?:after|before|by|when|while|from)\s+[a-z]+ing\s+"
+                        r"(?:[a-z]+\s+){0,2}\$?)\d+(?:[.:]\d+)?(?:\s*(?:[ap]\.?m\.?\b))?", re.I)
 _SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "≤", "≥", "≠", "(", "[", "{", "|"}
+
+
+_ALIGN = re.compile(r"\\begin\{(align|aligned|eqnarray|gather|equation|split)(\*?)\}(.{0,4000}?)\\end\{\1\2\}", re.S)
+
+
+def _last_row(m: re.Match) -> str:
+    """An align/eqnarray block as display maths holding its last row (`&= 6 - 5i` -> `\\[= 6 - 5i\\]`)."""
+    rows = [r for r in re.split(r"\\\\(?:\[[^\]]*\])?", m.group(3)) if r.strip()]
+    row = rows[-1].replace("&", " ").strip().lstrip("=").strip() if rows else ""
+    return f"\\[{row}\\]" if row else " "
 
 
 def _unfinished(text: str) -> bool:
@@ -225,6 +238,8 @@ def _unfinished(text: str) -> bool:
     (`5 × 7 = 35`, 'So he is 180-135=45 miles away from home')."""
     lines = text.rstrip().split("\n")
     last = lines[-1].strip()
+    if last.endswith("$") and not last.endswith("$$") and len(re.findall(r"(?<!\\)\$", text)) % 2:
+        return True  # a '$' that opens maths (or an amount) and nothing after it
     if not last or _TERMINAL.search(last):
         return False
     if _DANGLING.search(last):
@@ -240,8 +255,9 @@ def _sentences(text: str) -> list[str]:
     """Sentences and lines of text (math environments are never split)."""
     blank = _MATH_ENV.sub(lambda m: "x" * len(m.group(0)), text)
     cuts = [m.end() for m in re.finditer(r"[.!?;](?=\s|$)|\n", blank)]
-    cuts += [m.end() for m in _MATH_ENV.finditer(text) if m.group(0)[:2] in ("$$", "\\[")
-             and (m.group(0)[:-2].rstrip().endswith(".") or re.match(r"\s+[A-Z]", text[m.end():]))]
+    cuts += [m.end() for m in _MATH_ENV.finditer(text) if (m.group(0)[:2] in ("$$", "\\[")
+             and (m.group(0)[:-2].rstrip().endswith(".") or re.match(r"\s+[A-Z]", text[m.end():])))
+             or (m.group(0)[:-1].rstrip().endswith(".") and re.match(r"\s+[A-Z]|\s*$", text[m.end():]))]
     cuts = [0] + sorted(cuts) + [len(text)]
     return [text[a:b].strip() for a, b in zip(cuts, cuts[1:]) if text[a:b].strip(" \n.!?;")]
 
@@ -281,10 +297,17 @@ def _leading_value(pred: str) -> str | None:
         toks.pop()
     if not toks or not any(k in ("num", "env", "cmd") or (k == "word" and len(v) == 1) for k, v, _, _ in toks):
         return None
-    if toks[0][0] == "env" and len(toks) == 1:
-        env = _MATH_ENV.fullmatch(toks[0][1])
-        return next(g for g in env.groups() if g is not None) if env else toks[0][1]
+    envs = [_env_content(v) for k, v, _, _ in toks if k == "env"]
+    if envs and all(k == "env" or v.lower() in (",", "and") for k, v, _, _ in toks):
+        if len(envs) > 1 and not all(re.fullmatch(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*=[^=]+", e) for e in envs):
+            return envs[-1]  # '$k - 1 = 1$, and $k = 2$': the last statement
+        return ", ".join(envs)  # '$x = 2$, $y = -3$': a system's solution
     return pred[toks[0][2]: toks[-1][3]].strip()
+
+
+def _env_content(env: str) -> str:
+    m = _MATH_ENV.fullmatch(env)
+    return next(g for g in m.groups() if g is not None).strip().rstrip(".,;").strip() if m else env
 
 
 def _statement_answer(sentence: str) -> str | None:
@@ -374,6 +397,7 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     if ans is None:
         open_env = text.rfind("\\[") > text.rfind("\\]") or text.rfind("\\(") > text.rfind("\\)") \
             or text.count("$$") % 2 == 1
+        text = _ALIGN.sub(_last_row, text)
         if open_env or _unfinished(text):
             return None, "truncated"
         if len(text) <= 80 and "\n" not in text.strip() and not _MATH_ENV.search(text) and not _STATEMENT.search(text) \
@@ -509,7 +533,8 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\\(?:emptyset|varnothing)", r"\\{\\}", s)
     s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])|<=", " ≤ ", s)
     s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])|>=", " ≥ ", s)
-    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])|!=", " ≠ ", s)
+    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])|(?<![\w)}!])!=", " ≠ ", s)
+    s = re.sub(r"\\pmod\s*\{[^{}]*\}|\\pmod\s*\w+|\(\s*(?:\\bmod|\\mod|mod)\s*\w+\s*\)", "", s)
     s = re.sub(r"\\lt(?![a-zA-Z])", "<", s)
     s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
     s = re.sub(r"\\in(?![a-zA-Z])", " ∈ ", s)
@@ -585,7 +610,7 @@ def _tolerance(p: str, g: str) -> _Ctx:
 # ----------------------------------------------------------------------------------------------------
 # Structures: lists/sets, tuples/intervals, unions, matrices, relations
 
-_REL_OPS = {"=": "=", "≤": "≤", "≥": "≥", "≠": "≠", "<": "<", ">": ">", "∈": "∈", r"\approx": "="}
+_REL_OPS = {"=": "=", "≤": "≤", "≥": "≥", "≠": "≠", "<": "<", ">": ">", "∈": "∈", r"\approx": "=", r"\equiv": "="}
 _MATRIX = re.compile(r"[(\[]?\s*\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}\s*[)\]]?", re.S)
 _THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 
@@ -651,13 +676,14 @@ def _set_builder(s: str, deadline: float):
     return ("inter", [_value(p, deadline) for p in ands]) if len(ands) > 1 else _value(cond, deadline)
 
 
-def _side(raw: str, lhs: bool, deadline: float):
-    """One side of a relation; the left side of `=` may be a name the parser does not know (`\\angle ABC`)."""
+def _side(raw: str, opaque_ok: bool, deadline: float):
+    """One side of a relation; a side before the last of an `=` chain may be something the parser does not
+    know (`\\angle ABC = 30`, `9 \\& 2 = \\frac{3}{4}`): it becomes an opaque name."""
     try:
         return _value(raw, deadline)
     except _Refused:
-        if lhs and _is_name(raw.strip()):
-            return ("expr", sp.Symbol(re.sub(r"\W+", "_", raw.strip())))
+        if opaque_ok:
+            return ("expr", sp.Symbol("_" + re.sub(r"\W+", "_", raw.strip())[:40]))
         raise
 
 
@@ -690,7 +716,9 @@ def _value(s: str, deadline: float):
             return _value(parts[1][0], deadline)
         if "∈" in ops or any(not p.strip() for p, _ in parts):
             raise _Refused("bad relation")
-        return ("rel", [(p.strip(), _side(p, k == 0 and ops[0] == "=", deadline)) for k, (p, _) in enumerate(parts)], ops)
+        chain = all(op == "=" for op in ops)  # in a chain a = b = 5 only the last side must parse
+        return ("rel", [(p.strip(), _side(p, chain and k < len(parts) - 1, deadline)) for k, (p, _) in
+                        enumerate(parts)], ops)
     if re.fullmatch(r"\\mathbb\s*\{?R\}?|\\R|\\mathbb\{R\}|\(-\\infty\s*,\s*\\infty\)|all real numbers", s):
         return ("all",)
     parts = _split_top(s, ("\\setminus", "\\backslash", "\\cap"))
