@@ -234,7 +234,7 @@ def _last_row(m: re.Match) -> str:
 def _unfinished(text: str) -> bool:
     """An unmarked response is unfinished (not an answer) when its last line stops mid-sentence: it ends on an
     operator or a function word ('... = 24 and', '... which gives'), or it has no closing punctuation or math
-    delimiter and is not a statement that ends on a value and a few words after its last `=` or copula
+    delimiter and is not a statement that ends on a value and at most 5 words after its last `=` or copula
     (`5 × 7 = 35`, 'So he is 180-135=45 miles away from home')."""
     lines = text.rstrip().split("\n")
     last = lines[-1].strip()
@@ -247,7 +247,7 @@ def _unfinished(text: str) -> bool:
     if len(lines) == 1 and len(last) <= 80 and not _STATEMENT.search(last):
         return False  # a bare answer
     tail = last.split("=") if "=" in last else re.split(r":\s|\b(?:is|are|was|equals)\b", last)
-    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\s?\d[\d,.]*[%€£¥°²³]*(?:\s*/?\s*[A-Za-z0-9'’-]+[²³]?){0,8}\s*",
+    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\s?\d[\d,.]*[%€£¥°²³]*(?:\s*/?\s*[A-Za-z0-9'’-]+[²³]?){0,5}\s*",
                                               tail[-1])
 
 
