@@ -3,7 +3,11 @@
     python scripts/bench_grader.py [--cases ../shared/grader-dev/cases.jsonl tests/grader_cases/cases.jsonl]
                                    [--repeats 5]
 
-Accuracy, false positives and false negatives per case file; timing over all cases. Every case is graded
+Accuracy, false positives and false negatives per case file; timing over all cases. With
+--reference_checks it also grades the datasets' own reference solutions with their answer markers removed
+(GSM8K test: `#### N` dropped; MATH-500: `\\boxed{X}` replaced by X), which must still be read from the final
+statement, and the GSM8K solutions cut at a random point (seed 0) before their end, which must not be credited
+unless the cut falls after the final value. Every case is graded
 once cold, then `repeats` times in this process; a case's time is its median over the repeats. Prints a
 markdown table (with this command line) for docs/benchmarks.md.
 Targets from the issue: median <= 1 ms, p99 <= 50 ms per case (math-verify 0.9.0, measured elsewhere:
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -55,11 +61,40 @@ def time_one(fn, repeats: int) -> tuple[object, float]:
     return out, statistics.median(times)
 
 
+def _unbox(text: str) -> str:
+    while (i := text.find("\\boxed{")) >= 0 and (j := grader._brace_group(text, i + 6)) > 0:
+        text = text[:i] + text[i + 7: j - 1] + text[j:]
+    return text
+
+
+def reference_checks(data_dir: Path) -> None:
+    """Reference solutions without their answer markers, and GSM8K solutions cut short."""
+    gsm = [json.loads(x) for x in (data_dir / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    math500 = [json.loads(x) for x in (data_dir / "math500" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+               if x]
+    rng = random.Random(0)
+    full = cut = 0
+    for r in gsm:
+        body, gold = (x.strip() for x in r["answer"].split("####"))
+        full += grader.grade(body, gold, "gsm8k").correct
+        k = rng.randint(max(10, int(len(body) * 0.3)), len(body) - 3)
+        cut += grader.grade(body[:k], gold, "gsm8k").correct
+    boxed = sum(grader.grade(_unbox(r["solution"]), r["answer"], "math").correct for r in math500)
+    print("\n| reference solutions without markers | credited | should be |\n| --- | --- | --- |")
+    print(f"| GSM8K test, `#### N` removed | {full}/{len(gsm)} = {full / len(gsm):.3f} | all |")
+    print(f"| MATH-500, `\\boxed{{}}` removed | {boxed}/{len(math500)} = {boxed / len(math500):.3f} | all (many "
+          "state the answer mid-text) |")
+    print(f"| GSM8K test, cut at a random point | {cut}/{len(gsm)} = {cut / len(gsm):.3f} | only cuts after the "
+          "final value |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=[str(REPO.parent / "shared" / "grader-dev" / "cases.jsonl"),
                                                    str(REPO / "tests" / "grader_cases" / "cases.jsonl")])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--reference_checks", action="store_true", help="also grade reference solutions without markers")
+    ap.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="holds gsm8k/ and math500/")
     a = ap.parse_args()
     sets = []
     for name in a.cases:
@@ -86,7 +121,7 @@ def main() -> None:
         right = sum(verdicts[id(c)] == c["label"] for c in cs)
         fp = sum(verdicts[id(c)] and not c["label"] for c in cs)
         fn = sum(c["label"] and not verdicts[id(c)] for c in cs)
-        rel = path.resolve().relative_to(REPO.parent) if path.resolve().is_relative_to(REPO.parent) else path
+        rel = os.path.relpath(path.resolve(), REPO)
         print(f"| {rel} | {len(cs)} ({sum(not c['label'] for c in cs)}) | {right}/{len(cs)} = {right / len(cs):.4f} "
               f"| {fp} | {fn} |")
     print(f"\n| metric ({len(cases)} cases) | grader.py (repeated, median of runs) | first pass (cold) | target |")
@@ -97,6 +132,8 @@ def main() -> None:
           "| <= 50 ms (math-verify 290 ms) |")
     print(f"| max per case | {max(ms):.3f} ms ({slowest[1]}) | {max(first):.3f} ms | < 2 s |")
     print(f"| mean per case | {statistics.fmean(ms):.3f} ms | {statistics.fmean(first):.3f} ms | |")
+    if a.reference_checks:
+        reference_checks(Path(a.data_dir))
     print("\n| adversarial response (gold 5) | verdict | time |\n| --- | --- | --- |")
     for name, response in ADVERSARIAL.items():
         v, dt = time_one(lambda r=response: grader.grade(r, "5", "math"), 1)
