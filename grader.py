@@ -208,8 +208,8 @@ _COPULA = re.compile(r"\b(?:is|are|was|were|equals|equal|be|being|becomes|gives|
 _FILLER = re.compile(r"^(?:\s*(?:equal to|exactly|then|now|just|only|simply|given by|a total of|therefore|thus|so|at|"
                      r"still|also)\b|\s*[:,])+", re.I)
 _RUN_TOKEN = re.compile(r"\s*(?:(?P<env>\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+?\\\)|\\\[.+?\\\])"
-                        r"|(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\.\.\.|\\ldots|…)?)"
-                        r"|(?P<cmd>\\[a-zA-Z]+|\\[{}%$])|(?P<op>[-+*/^=<>()\[\]{}|!_,%'≤≥≠]|\.(?=\d))"
+                        r"|(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*(?:\(\d+\)|\\overline\s*\{\d+\})|\.\d+(?:\.\.\.|\\ldots|…)?)?)"
+                        r"|(?P<cmd>\\[a-zA-Z]+|\\[{}%$]|\\(?=\s))|(?P<op>[-+*/^=<>()\[\]{}|!_,%'≤≥≠]|\.(?=\d))"
                         r"|(?P<word>[A-Za-z]+\.?))", re.S)
 _STATEMENT = re.compile(r"\b(?:is|are|was|were|so|thus|hence|therefore|then|we|the|i\.e)\b|[.!?]\s*$", re.I)
 _CLAUSE = re.compile(r"(?:,|;|\band|(?<=\$))\s+(?=(?:so|thus|hence|therefore|which means|giving|i\.e\.|that is)\b)"
@@ -218,6 +218,8 @@ _CLAUSE = re.compile(r"(?:,|;|\band|(?<=\$))\s+(?=(?:so|thus|hence|therefore|whi
 _ADVERBIAL = re.compile(r"\b(?:(?:in|after|for|at|per|within|during|every|each|over|before)\s+(?:the\s+(?:next\s+|first\s+"
                         r"|last\s+)?)?\$?|to\s+[a-z]+\s+(?:the\s+)?|(?:after|before|by|when|while|from)\s+[a-z]+ing\s+"
                         r"(?:[a-z]+\s+){0,2}\$?)\d+(?:[.:]\d+)?(?:\s*(?:[ap]\.?m\.?\b))?", re.I)
+_ALL_REALS = re.compile(r"\ball real (?:numbers|values)(?:\s+(?:of\s+[a-z]\s+)?(?:except|other than|but|excluding)\s+"
+                        r"(?:for\s+)?(?:[a-z]\s*=\s*)?(-?[\w.\\{}/]+(?:\s*(?:,|and|or)\s*-?[\w.\\{}/]+)*))?", re.I)
 _SEPARATORS = {",", "and", "or", "=", "+", "-", "*", "/", "^", "_", "<", ">", "≤", "≥", "≠", "(", "[", "{", "|"}
 
 
@@ -247,7 +249,7 @@ def _unfinished(text: str) -> bool:
     if len(lines) == 1 and len(last) <= 80 and not _STATEMENT.search(last):
         return False  # a bare answer
     tail = last.split("=") if "=" in last else re.split(r":\s|\b(?:is|are|was|equals)\b", last)
-    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\s?\d[\d,.]*[%€£¥°²³]*(?:\s*/?\s*[A-Za-z0-9'’-]+[²³]?){0,5}\s*",
+    return len(tail) < 2 or not re.fullmatch(r"\s*[-$€£]?\s?\d[\d,.]*[%€£¥°²³…]*(?:\s*/?\s*[A-Za-z0-9'’-]+[²³]?){0,5}\s*",
                                               tail[-1])
 
 
@@ -321,6 +323,10 @@ def _statement_answer(sentence: str) -> str | None:
     s = unicode_to_latex(_MARKDOWN.sub("", sentence)).strip().rstrip(".!?;").strip()
     if not re.search(r"\d", _MATH_ENV.sub(" ", s)):
         s = words_to_digits(s)
+    m = _ALL_REALS.search(s)
+    if m:  # 'all real numbers except 0 and 1' -> R \ {0, 1}
+        return r"\mathbb{R}" + (r"\setminus\{" + re.sub(r"\s*(?:,|\band\b|\bor\b)\s*", ", ", m.group(1)) + r"\}"
+                                if m.group(1) else "")
     blank = _MATH_ENV.sub(lambda m: "x" * len(m.group(0)), s)
     cuts = [0] + [m.end() for m in _CLAUSE.finditer(blank)]
     for start in reversed(cuts):
@@ -345,7 +351,9 @@ def _statement_answer(sentence: str) -> str | None:
             return value  # the clause is the maths itself: 'x \\in (-\\infty, 1)'
         last = _last_candidate(_ADVERBIAL.sub(lambda m: " " * len(m.group(0)), clause)) or _last_candidate(clause)
         if last:
-            return last
+            unit = re.search(re.escape(last) + r"\s*((?:square|cubic)\s+)?([A-Za-z]+)", clause)
+            return f"{last} {unit.group(0)[len(last):].strip()}" if unit and _UNIT_OF.get(unit.group(2).lower()) \
+                else last  # '30 radians' keeps its unit
     return None
 
 
@@ -379,7 +387,8 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
         ans, method = ", ".join(contents), "boxed"
     hits = list(_ANSWER_IS.finditer(text))
     if hits and (ans is None or hits[-1].start() > boxes[0][1]):
-        cand = _reduce_prose(_sentence(_HOPE.split(text[hits[-1].end():])[0]))
+        cand = _sentence(_HOPE.split(text[hits[-1].end():])[0])
+        cand = _reduce_prose(re.split(r",?\s+(?:because|since|as|which|where|given that)\b", cand)[0] or cand)
         later = ans is not None and len(_PROSE_WORD.findall(_MATH_ENV.sub(" ", cand))) == 0
         if cand.strip() and (ans is None or later):
             ans, method = cand, "answer_is"
@@ -464,6 +473,8 @@ def _trailing_unit(answer: str) -> str | None:
     '12 cm^{2}' -> 'cm^2'); None when it has none or an unknown one. `unit(s)` is a wildcard ('')."""
     s = re.sub(r"\\(?:" + _TEXT_CMDS + r")\s*\{([^{}]*)\}", r" \1 ", unicode_to_latex(answer))
     s = re.sub(r"\\[,;!: ]|\$|~", " ", s).strip().rstrip(".").strip()
+    if re.search(r"\d\s*(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree)$", s):
+        return "deg"
     m = re.search(r"(?:\d|\})\s*((?:square|sq\.?|cubic|cu\.?)\s+)?([A-Za-z]+\.?)\s*(?:\^\s*\{?\s*([23])\s*\}?)?$", s)
     if not m:
         return None
@@ -519,6 +530,7 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d)", r"\1", s)  # 14{,}916
     s = re.sub(r"(\d),\\!\s*(?=\d)", r"\1", s)  # 12,\!000
     s = re.sub(r"\\!|\\(?:displaystyle|textstyle|limits)\b|\*\*|__", "", s)
+    s = re.sub(r"(\\mathbb\s*\{?R\}?|\\R(?![a-zA-Z]))\s*(?:\\(?=\s)|\\setminus|\\backslash|-)\s*", r"\\mathbb{R}\\setminus ", s)
     s = re.sub(r"\\q?quad|(?<!\\)\\[,;: ]|~", " ", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
@@ -665,7 +677,7 @@ def _is_name(raw: str) -> bool:
 def _set_builder(s: str, deadline: float):
     """Set-builder notation `\\{x \\mid x < -2 \\text{ or } x > 3\\}` is the region of its condition ('or' is a
     union, 'and' and ',' an intersection)."""
-    m = re.fullmatch(r"\\\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)\s*(.+)\\\}", s, re.S)
+    m = re.fullmatch(r"\\?\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)\s*(.+?)\\?\}", s, re.S)
     if not m:
         raise _Refused("bad set-builder")
     cond = m.group(1)
@@ -700,7 +712,7 @@ def _value(s: str, deadline: float):
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
         return ("matrix", [[_value(c, deadline) for c in r.split("&")] for r in rows])
-    if re.match(r"\\\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)", s) and s.endswith("\\}"):
+    if re.match(r"\\?\{\s*[A-Za-z]\s*(?:∈\s*[^|:]*?)?\s*(?:\\mid|\||:)", s) and s.endswith("}"):
         return _set_builder(s, deadline)
     pieces = [(p.strip(), sep) for p, sep in _split_top(s, (",", ";", "and", "or")) if p.strip()]
     if len(pieces) > 1:

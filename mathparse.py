@@ -335,10 +335,11 @@ _UNICODE_MATH = {"−": "-", "–": "-", "×": r"\times ", "÷": r"\div ", "·":
 
 
 def unicode_to_latex(s: str) -> str:
-    """Plain-text/unicode maths to LaTeX: `2π` -> `2\\pi`, `x²` -> `x^{2}`, `√2/2` -> `\\sqrt{2}/2`,
+    """Plain-text/unicode maths to LaTeX: `2π` -> `2\\pi`, `x²` -> `x^{2}`, `√2/2` -> `\\sqrt{2}/2`, `0.3̅` -> `0.\\overline{3}`,
     `3√5` -> `3\\sqrt{5}`, `4½` -> `4\\frac{1}{2}`, `−` (U+2212) -> `-`, `(−∞, 1)` -> `(-\\infty, 1)`."""
     if s.isascii():
         return s
+    s = re.sub(r"((?:\d\u0305)+)", lambda m: r"\overline{" + m.group(1).replace("\u0305", "") + "}", s)  # 0.3̅
     s = re.sub(r"([⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+)", lambda m: "^{" + m.group(1).translate(_SUPERSCRIPTS) + "}", s)
     s = re.sub(r"(\d?)\s*([" + "".join(_VULGAR) + "])",
                lambda m: m.group(1) + r"\frac{{{}}}{{{}}}".format(*_VULGAR[m.group(2)]), s)
@@ -357,15 +358,22 @@ _SMALL = {w: i for i, w in enumerate(
 _TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i >= 2}
 _SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
 _NUM_WORD = r"(?:" + "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, reverse=True)) + r")"
-_NUM_PHRASE = re.compile(r"(?<![\w-])" + _NUM_WORD + r"(?:(?:[\s-]+|\s+and\s+)" + _NUM_WORD + r")*(?![\w-])", re.I)
+_NUM_PHRASE = re.compile(r"(?<![\w-])(?:a\s+(?=(?:hundred|thousand|million|billion)\b))?" + _NUM_WORD
+                         + r"(?:(?:[\s-]+|\s+and\s+)" + _NUM_WORD + r")*(?![\w-])", re.I)
 
 
 def words_value(phrase: str) -> int | None:
     """'one hundred twenty' -> 120, 'forty-eight' -> 48, 'two thousand and five' -> 2005; None if the words
     do not form one number ('one two', 'hundred five' are not numbers)."""
     total, current, last = 0, 0, None
-    for w in re.split(r"[\s-]+", phrase.lower().strip()):
+    words = re.split(r"[\s-]+", phrase.lower().strip())
+    if words[0] == "a" and (len(words) < 2 or words[1] not in ("hundred", *_SCALES)):
+        return None
+    for w in words:
         if w == "and":
+            continue
+        if w == "a" and last is None:  # 'a hundred'
+            current, last = 1, "small"
             continue
         if w in _SMALL:
             if last in ("small", "teen"):
