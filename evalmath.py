@@ -786,12 +786,15 @@ def cmd_grade(argv: list[str]) -> None:
     import grader
 
     if not Path(a.input).is_file():
-        raise SystemExit(f"error: --input {a.input}: file not found")
+        what = "is a folder" if Path(a.input).is_dir() else "file not found"
+        raise SystemExit(f"error: --input {a.input}: {what}; expected a predictions .jsonl file")
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     try:
         s = grader.grade_file(a.input, a.output, skip_bad_rows=a.skip_bad_rows)  # the same grade() as evaluation
     except grader.BadRow as e:
-        hint = "" if a.skip_bad_rows or "--output" in str(e) else " (or pass --skip_bad_rows)"
+        if str(e).startswith("--output"):
+            raise SystemExit(f"error: {e}") from None
+        hint = "" if a.skip_bad_rows else " (or pass --skip_bad_rows)"
         raise SystemExit(f"error: {e}{hint}; nothing was written to {a.output}") from None
     except OSError as e:
         raise SystemExit(f"error: grade {a.input} -> {a.output}: {e.strerror or e}") from None
