@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import sympy  # noqa: E402
+
 import grader  # noqa: E402
 
 ADVERSARIAL = {
@@ -115,7 +117,7 @@ def main() -> None:
         slowest = max(slowest, (dt, c["id"]))
     ms = [t * 1e3 for t in times]
     print(f"command: python scripts/bench_grader.py --repeats {a.repeats}  "
-          f"(python {platform.python_version()}, sympy {grader.sp.__version__}, {platform.machine()})\n")
+          f"(python {platform.python_version()}, sympy {sympy.__version__}, {platform.machine()})\n")
     print("| case file | cases (incorrect) | accuracy | false positives | false negatives |\n| --- | --- | --- | --- | --- |")
     for path, cs in sets:
         right = sum(verdicts[id(c)] == c["label"] for c in cs)
