@@ -25,6 +25,7 @@ from mathparse import Refused as _Refused
 from mathparse import parse_math, repeating_decimal
 
 RELATIVE_TOLERANCE = 1e-4  # numbers (and expressions at sample points) agree within this relative error
+MIN_REPEATING_DIGITS = 8  # a decimal this long may stand for a repeating rational gold (see comparison_context)
 TIME_BUDGET_S = 2.0  # cooperative deadline per comparison
 
 
@@ -60,8 +61,9 @@ def comparison_context(p: str, g: str) -> Comparison:
     """Approximation rule: numbers agree within RELATIVE_TOLERANCE only when the gold is itself written as a
     decimal. Against an exact gold (integer, fraction, surd, pi, e, log, ...) a decimal prediction must be
     exactly equal (2.5 = 5/2, 0.75 = 3/4), so `1.414` is not `\\sqrt{2}` and `7.389` is not `e^2`; the one
-    exception is a rational gold with a repeating expansion written out to >= 6 significant digits, rounded or
-    truncated in its last digit (`0.0833333`, `0.166667`, `0.1666666` for 1/12 and 1/6; not `0.428572` for 3/7)."""
+    exception is a rational gold with a repeating expansion written out to >= 8 significant digits (a float
+    printout), rounded or truncated in its last digit (`0.0833333333`, `0.16666667` for 1/12 and 1/6; not
+    `0.42857143` for 3/7, and not `0.166667`: six digits are an approximation)."""
     deadline = time.monotonic() + TIME_BUDGET_S
     if re.search(r"(?<![\d.])\d*\.\d", g):
         return Comparison(deadline, RELATIVE_TOLERANCE)
@@ -286,7 +288,7 @@ def _expr_equal(a, b, ctx: Comparison) -> bool:
         return True
     if a.is_Integer and b.is_Integer:  # integers are exact; the tolerance is for approximations
         return False
-    if ctx.digits and a.is_Rational and b.is_Rational and ctx.digits[0] >= 6 and _repeats(b):
+    if ctx.digits and a.is_Rational and b.is_Rational and ctx.digits[0] >= MIN_REPEATING_DIGITS and _repeats(b):
         unit = sp.Rational(1, 10 ** ctx.digits[1])  # rounded, or truncated towards zero, in the last place
         return bool(abs(a - b) <= unit / 2 or (a * b >= 0 and abs(a) <= abs(b) < abs(a) + unit))
     if ctx.digits and a.is_Rational and b.is_number and not b.is_Rational:
