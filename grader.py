@@ -283,6 +283,8 @@ def _leading_value(pred: str) -> str | None:
             elif len(w) == 1 and (prev in ("num", "op", "cmd") or nkind == "cmd"
                                   or (nkind == "op" and nxt.group("op") in "=+-*/^_<>≤≥≠!(")):
                 pass
+            elif w in _MULTIPLIERS and prev == "num":
+                pass  # '1.2 thousand'
             elif _unit_key(w) is not None and prev in ("num", "op", "word", "env") and any(k in ("num", "env") for k in kinds):
                 pass
             else:
@@ -412,7 +414,7 @@ def _extract(response: str, dataset: str) -> tuple[str | None, str]:
     if ans is None or not ans.strip():
         return None, "no_answer"
     ans = ans.strip()
-    if gsm and _plain_number(ans) is None:  # "18 apples", "$18", "25 m^{2}": keep the number
+    if gsm and _plain_number(ans) is None and not re.search(r"\d\s*(?:thousand|million|billion)\b", ans):  # "18 apples", "$18", "25 m^{2}": keep the number
         ans = re.sub(r"(?<=[A-Za-z])\^\{?[23]\}?", "", ans)
         rhs = ans.split("=")[-1]  # 'X = 26', '1+5+2 = 8 oranges'
         nums = _GSM_NUMBER.findall(rhs)
@@ -532,6 +534,9 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\\\$|\$|\\[()\[\]]", " ", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
     s = re.sub(r"\\%|%|\bpercent\b|\bpct\b", "", s)
+    m = re.search(r"\s+of\s+(?:an?|the)\s+([A-Za-z]+)\.?$", s)
+    if m and _unit_key(m.group(1)) is not None:  # '3/4 of an hour'
+        s = s[: m.start()]
     m = _TRAILING_TEXT.search(s)
     if m and _is_units(m.group(1)) and s[: m.start()].strip():
         s = s[: m.start()]

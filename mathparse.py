@@ -334,9 +334,15 @@ _UNICODE_MATH = {"−": "-", "–": "-", "×": r"\times ", "÷": r"\div ", "·":
                  "\u00a0": " ", "±": r"\pm ", "θ": r"\theta ", "α": r"\alpha ", "β": r"\beta "}
 
 
+_ASCII_MATH = re.compile(r"(?<![\\A-Za-z])(sqrt|pi|infinity|infty|inf|ln|log|sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan"
+                         r"|theta)(?![A-Za-z])(?=\s*[\d({\s^/*)+.,-]|$)")
+
+
 def unicode_to_latex(s: str) -> str:
     """Plain-text/unicode maths to LaTeX: `2π` -> `2\\pi`, `x²` -> `x^{2}`, `√2/2` -> `\\sqrt{2}/2`, `0.3̅` -> `0.\\overline{3}`,
-    `3√5` -> `3\\sqrt{5}`, `4½` -> `4\\frac{1}{2}`, `−` (U+2212) -> `-`, `(−∞, 1)` -> `(-\\infty, 1)`."""
+    `3√5` -> `3\\sqrt{5}`, `4½` -> `4\\frac{1}{2}`, `−` (U+2212) -> `-`, `(−∞, 1)` -> `(-\\infty, 1)`; ASCII
+    function and constant names before maths become commands: `sqrt(2)/2`, `2*pi`, `ln(2)`, `(-infinity, 1)`."""
+    s = _ASCII_MATH.sub(lambda m: "\\infty" if m.group(1).lower().startswith("inf") else "\\" + m.group(1), s)
     if s.isascii():
         return s
     s = re.sub(r"((?:\d\u0305)+)", lambda m: r"\overline{" + m.group(1).replace("\u0305", "") + "}", s)  # 0.3̅

@@ -190,6 +190,12 @@ RULES = {
         ("The domain is {x | x ≠ 1}.", "(-\\infty,0)\\cup(0,\\infty)", "math", False),
         ("As a decimal it is 0.3̅.", "\\frac13", "math", True),
         ("As a decimal it is 0.3.", "\\frac13", "math", False),
+        ("The answer is sqrt(2)/2.", "\\frac{\\sqrt2}{2}", "math", True),
+        ("The answer is sqrt(3)/2.", "\\frac{\\sqrt2}{2}", "math", False),
+        ("The interval is (-infinity, 1).", "(-\\infty,1)", "math", True),
+        ("The interval is (-infinity, 1].", "(-\\infty,1)", "math", False),
+        ("The answer is 2*pi.", "2\\pi", "math", True),
+        ("The answer is 2*pi/3.", "2\\pi", "math", False),
     ],
     "equivalent forms": [
         ("The answer is $3\\frac{1}{3}$.", "\\frac{10}{3}", "math", True),
