@@ -717,19 +717,30 @@ def run(cfg: EvalConfig) -> list[Path]:
 
 def cmd_grade(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py grade", description="Re-grade responses without a model.")
-    ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"}')
-    ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"}')
+    ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"} (dataset gsm8k, '
+                    'math or math500; optional "finish_reason" (length = cut off) or "truncated")')
+    ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"} '
+                    "(written to a temporary file, then renamed; never the input)")
+    ap.add_argument("--skip_bad_rows", action="store_true", help="skip and count rows that cannot be graded "
+                    "instead of stopping at the first")
     a = ap.parse_args(argv)
     import grader
 
     if not Path(a.input).is_file():
-        raise SystemExit(f"error: --input {a.input}: file not found")
+        what = "is a folder" if Path(a.input).is_dir() else "file not found"
+        raise SystemExit(f"error: --input {a.input}: {what}; expected a predictions .jsonl file")
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     try:
-        s = grader.grade_file(a.input, a.output)  # grader.grade per row: the same function as evaluation
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    print(f"graded {s['n']} rows: accuracy {100 * s['accuracy']:.2f} -> {a.output}")
+        s = grader.grade_file(a.input, a.output, skip_bad_rows=a.skip_bad_rows)  # the same grade() as evaluation
+    except grader.BadRow as e:
+        if str(e).startswith("--output"):
+            raise SystemExit(f"error: {e}") from None
+        hint = "" if a.skip_bad_rows else " (or pass --skip_bad_rows)"
+        raise SystemExit(f"error: {e}{hint}; nothing was written to {a.output}") from None
+    except OSError as e:
+        raise SystemExit(f"error: grade {a.input} -> {a.output}: {e.strerror or e}") from None
+    skipped = f", skipped {s['skipped']} bad rows" if s["skipped"] else ""
+    print(f"graded {s['n']} rows: accuracy {100 * s['accuracy']:.2f}{skipped} -> {a.output}")
 
 
 def cmd_report(argv: list[str]) -> None:
