@@ -307,7 +307,7 @@ def test_lora_modules_to_save_resume_is_exact(work):
     come back, so losses and final state equal the uninterrupted run's."""
     out = work / "out"
     ref = base_args(work, "mts_ref", "--max_steps", "4", "--save_steps", "2", "--lora_dropout", "0.1", *MTS_ARGS)
-    run_sft(ref)
+    sft.main(ref)
     kill = with_job(ref, "mts_kill")
     assert run_sft(kill, kill_at="3", check=False).returncode == -signal.SIGKILL
     p = run_sft(kill + ["--resume_from_checkpoint", "auto"])
@@ -357,7 +357,7 @@ def with_job(args: list[str], job: str) -> list[str]:
 def reference(work) -> list[str]:
     """An uninterrupted 8-step LoRA run (dropout on, so the RNG state matters) to compare resumes with."""
     args = base_args(work, "ref", "--max_steps", "8", "--save_steps", "3", "--lora_r", "4", "--lora_dropout", "0.1")
-    run_sft(args)
+    sft.main(args)  # in this process: the same computation as `python sft.py` (one thread), without a start-up
     return args
 
 
@@ -507,26 +507,23 @@ def test_less_lora_train_script_end_to_end(work):
     assert {"adapter_model.safetensors", "optimizer.bin", "tokenizer.json"} <= {x.name for x in (job / "checkpoint-3").iterdir()}
 
 
-def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work):
-    """Two sft.py on one run folder: the second (here `--resume_from_checkpoint auto`) stops with one line
-    naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead process
-    is reported and taken over."""
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work, capsys):
+    """Two sft.py on one run folder: the second (`--resume_from_checkpoint auto`, `--overwrite_output_dir`) stops
+    with one line naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead
+    process is reported and taken over."""
     args = base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     job = work / "out" / "locked"
-    metrics = job / "metrics.jsonl"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-            time.sleep(0.05)
+        for line in first.stdout:
+            if "step 1/400" in line:
+                break
         for extra in (["--resume_from_checkpoint", "auto"], ["--overwrite_output_dir", "true"]):
-            p = run_sft(args + extra, check=False)
-            assert p.returncode != 0
-            err = p.stderr.strip().splitlines()
-            assert len(err) == 1 and f"in use by pid {first.pid}" in err[0], p.stderr[-2000:]
-        assert metrics.is_file() and (job / ck.LOCK).is_file()
+            line = _one_line_error(args + extra, capsys)
+            assert f"in use by pid {first.pid}" in line, line
+        assert (job / "metrics.jsonl").is_file() and (job / ck.LOCK).is_file()
     finally:
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=300)
@@ -537,9 +534,9 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work):
     # a lock from a process that no longer runs (pid of a finished child) is reported and taken over
     dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (job / ck.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
-    p = run_sft(with_job(base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4"),
-                         "locked") + ["--resume_from_checkpoint", "auto", "--max_steps", "1"], check=False)
-    assert "removed a stale lock" in p.stdout and f"pid {int(dead.stdout)}" in p.stdout, p.stdout[-2000:]
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "1"])
+    log = (job / "train.log").read_text()
+    assert "removed a stale lock" in log and f"pid {int(dead.stdout)}" in log
 
 
 def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
@@ -669,8 +666,8 @@ def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
     assert "stopping on a signal at step 2" in out and "eval step 2:" not in out
     job = work / "out" / "sigint"
     assert ck.verify(job / "checkpoint-000002") is None
-    run_sft(args + ["--resume_from_checkpoint", "auto", "--eval_accuracy_samples", "0"])
-    run_sft(with_job(reference, "sigint_ref") + extra + ["--eval_accuracy_samples", "0"])
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--eval_accuracy_samples", "0"])
+    sft.main(with_job(reference, "sigint_ref") + extra + ["--eval_accuracy_samples", "0"])
     assert losses(job) == losses(work / "out" / "sigint_ref")
     assert_same_state(state(job / "checkpoint-000004"), state(work / "out" / "sigint_ref" / "checkpoint-000004"))
     # twice: stop at once without saving, no traceback
