@@ -9,7 +9,7 @@ A checkpoint folder (`checkpoint-000100/`, or `checkpoint-100/` in LESS mode) ho
     state.index.json                                   optimizer moments, per-rank RNG; one shard per rank
     trainer_state.json                               step, epoch, scheduler, optimizer hyper-params,
                                                        data-loader state, metrics, config, template, versions
-    optimizer.bin                                    LESS mode only: name-keyed Adam moments (see less.md)
+    optimizer.bin                                    LESS mode only: name-keyed Adam moments (docs/checkpoints.md)
     manifest.json                                    written last: size and sha256 of every other file
 
 Atomicity: everything is written into `.tmp-<name>/` inside the job folder, files are fsynced, the

@@ -1,4 +1,4 @@
-"""evalmath's reporting half, split out at its seam: result dicts -> summaries, reports, manual review.
+"""evalmath's reporting half: result dicts -> summaries, reports, manual review.
 
 Pure Python over the result JSON that `evalmath.py` writes (no torch, no model):
 
