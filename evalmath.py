@@ -4,7 +4,7 @@
     python evalmath.py --config configs/eval.yaml --model PATH --datasets gsm8k   # YAML defaults, flags win
     torchrun --standalone --nproc_per_node 2 evalmath.py --model PATH ...        # data-parallel: same results
     python evalmath.py grade --input preds.jsonl --output verdicts.jsonl          # re-grade without a model
-    python evalmath.py report RUN [RUN ...] [--out docs/reports/compare.md]       # one table over runs
+    python evalmath.py report RUN [RUN ...] [--out outputs/reports/cmp.md]       # table + charts
     python evalmath.py review export RUN --out failures.csv                       # manual review
     python evalmath.py review import RUN --csv corrected.csv
 
@@ -17,7 +17,7 @@ Read top to bottom:
   4. decoding   - length-sorted batches through model.generate (KV-cached), stop strings, n samples
   5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
   6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
-  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + docs/reports/<run_id>.md
+  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
   8. CLI        - the plain form and the grade / report / review subcommands
 
 Model output is untrusted text: it is only matched with regexes and handed to grader.py (which never
@@ -45,6 +45,7 @@ from typing import Annotated
 import torch
 
 import reports
+from cli import UserError
 
 REPO = Path(__file__).resolve().parent
 RESULT_FORMAT = "mathsft-eval-v1"
@@ -268,7 +269,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda
     merge_lora: FlexBool = True  # fold the adapter into the weights before decoding (faster, same outputs)
     output_dir: str = "outputs/eval"
-    reports_dir: str = "docs/reports"
+    reports_dir: str = "outputs/reports"  # git-ignored; docs/reports holds the committed example reports
     write_report: FlexBool = True
     run_name: str | None = None  # replaces the model name in the default run_id
     run_id: str | None = None  # default: <run_name or model>-<dataset>-<protocol>-<YYYYmmdd-HHMMSS>
@@ -324,16 +325,25 @@ class ModelSource:
     tokenizer: Path
     template: str | None
     template_from: str | None  # the file the template name was read from
+    checkpoint: Path | None = None  # the checkpoint picked in a run folder (checkpoint-best, else latest)
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """In an sft.py run folder: the checkpoint `checkpoint-best` links to, else the one `latest` names."""
+    best = folder / "checkpoint-best"
+    if best.is_dir():
+        return folder / os.readlink(best) if best.is_symlink() else best
+    latest = folder / "latest"
+    if latest.is_file() and (folder / latest.read_text().strip()).is_dir():
+        return folder / latest.read_text().strip()
+    return None
 
 
 def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"error: {flag} {p}: no such file or folder")
-    latest = p / "latest"  # an sft job folder: `latest` names its newest complete checkpoint
-    if latest.is_file() and (p / latest.read_text().strip()).is_dir():
-        p = p / latest.read_text().strip()
-    return p
+    return run_checkpoint(p) or p
 
 
 def _has_tokenizer(p: Path) -> bool:
@@ -384,6 +394,7 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     import lora
 
     path = _resolve_dir(model, "--model")
+    picked = path if path != Path(model) else None
     adapter_dir = _resolve_dir(adapter, "--adapter") if adapter else None
     if adapter_dir is None and (path / lora.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         adapter_dir = path
@@ -406,7 +417,44 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     meta_dir = adapter_dir or path
     template, template_from = find_template(meta_dir)
     tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
-    return ModelSource(base, adapter_dir, tok_dir, template, template_from)
+    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """An sft.py checkpoint (manifest.json or trainer_state.json) is checked against its manifest as resume
+    does: every file present with its size, and the sha256 of the files evaluation reads (not the training
+    state shards). Read-only. A plain model or adapter folder is not a checkpoint and passes."""
+    import checkpoint as ck
+
+    if not ((folder / ck.MANIFEST).is_file() or (folder / ck.TRAINER_STATE).is_file()):
+        return
+    reason = ck.verify(folder, check_hashes=False)
+    if reason is None:
+        files = json.loads((folder / ck.MANIFEST).read_text())["files"]
+        for rel, info in files.items():
+            if not rel.startswith("state-") and rel != "optimizer.bin" and \
+                    ck.sha256_file(folder / rel) != info["sha256"]:
+                reason = f"{rel}: sha256 does not match the manifest"
+                break
+    if reason is not None:
+        raise UserError(f"{folder}: damaged checkpoint: {reason}; evaluate another checkpoint of the run "
+                        f"(the checkpoint-* folders in {folder.parent}) or restore this one")
+
+
+def check_model_files(src: ModelSource) -> None:
+    """Pre-flight before loading: checkpoint manifests, the base model's and the adapter's safetensors
+    headers. Raises an error naming the file, what was expected and the fix."""
+    import lora
+    import model as M
+
+    for folder in dict.fromkeys(d for d in (src.adapter, src.base) if d is not None):
+        verify_checkpoint(folder)
+    M.check_weights(src.base)
+    if src.adapter is not None:
+        if not (src.adapter / lora.ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"{src.adapter}: no {lora.ADAPTER_WEIGHTS}; expected a LoRA adapter folder "
+                            "(adapter_config.json + adapter_model.safetensors)")
+        M.check_safetensors(src.adapter / lora.ADAPTER_WEIGHTS)
 
 
 def pick_device(device: str) -> torch.device:
@@ -433,9 +481,14 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge
     import lora
     from model import Transformer
 
+    check_model_files(src)
     model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
     if src.adapter is not None:
-        lora.load_adapter(model, src.adapter, dtype=dtype)
+        try:
+            lora.load_adapter(model, src.adapter, dtype=dtype)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--adapter {src.adapter} does not fit the base model {src.base}: {e}; pass the "
+                            "base it was trained on with --base_model PATH") from None
         if merge:
             lora.merge_lora(model)
     tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
@@ -705,7 +758,8 @@ def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
                                                  "prompt_lookup")}
-    config = {"model": cfg.model, "adapter": str(src.adapter) if src.adapter else None,
+    config = {"model": cfg.model, "checkpoint": str(src.checkpoint) if src.checkpoint else None,
+              "adapter": str(src.adapter) if src.adapter else None,
               "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
               "n_problems": len(records), "data_hash": data_hash(records),
@@ -726,6 +780,10 @@ def run(cfg: EvalConfig) -> list[Path]:
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    if src.checkpoint is not None:
+        say(f"evalmath: {cfg.model} is a run folder: evaluating {src.checkpoint.name} "
+            f"({'checkpoint-best' if (Path(cfg.model) / 'checkpoint-best').is_dir() else 'latest'})")
+    say(f"evalmath: base model {src.base}" + (f", adapter {src.adapter}" if src.adapter else ""))
     template = None
     if cfg.num_fewshot == 0:
         name = cfg.template or src.template
@@ -795,7 +853,7 @@ def cmd_report(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py report", description="Report one run or compare several.")
     ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir)")
     ap.add_argument("--eval_dir", default="outputs/eval")
-    ap.add_argument("--reports_dir", default="docs/reports")
+    ap.add_argument("--reports_dir", default="outputs/reports")
     ap.add_argument("--out", default=None, help="markdown path of the comparison (default: reports_dir/compare-*.md)")
     ap.add_argument("--manual", action="store_true", help="use summary_manual where a run has one")
     a = ap.parse_args(argv)
@@ -823,7 +881,7 @@ def cmd_review(argv: list[str]) -> None:
     im.add_argument("--csv", required=True)
     for p in (ex, im):
         p.add_argument("--eval_dir", default="outputs/eval")
-        p.add_argument("--reports_dir", default="docs/reports")
+        p.add_argument("--reports_dir", default="outputs/reports")
     a = ap.parse_args(argv)
     result, path = reports.load_result(a.run, a.eval_dir)
     if a.action == "export":
@@ -851,4 +909,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    import data
+    import model
+
+    cli.run_main(main, user_errors=(data.DataError, model.ModelFileError))
