@@ -720,8 +720,6 @@ def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "da
     if not root.exists():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=out_dir))
-        if progress:
-            _say(f"data: building the cache {root} from {', '.join(map(str, sources))}")
         try:
             _build(tmp, key, sources, data_dir, tokenizer_path, tpl, settings, num_proc, progress)
             os.rename(tmp, root)  # atomic publish; a concurrent run that won keeps its copy

@@ -421,12 +421,12 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
 
 
 def verify_checkpoint(folder: Path) -> None:
-    """An sft.py checkpoint (manifest.json or trainer_state.json) is checked against its manifest as resume
-    does: every file present with its size, and the sha256 of the files evaluation reads (not the training
-    state shards). Read-only. A plain model or adapter folder is not a checkpoint and passes."""
+    """A checkpoint with a manifest.json (sft.py writes one last) is checked against it as resume does: every
+    file present with its size, and the sha256 of the files evaluation reads (not the training state shards).
+    Read-only. A folder without a manifest (a model, an adapter, another trainer's checkpoint) passes."""
     import checkpoint as ck
 
-    if not ((folder / ck.MANIFEST).is_file() or (folder / ck.TRAINER_STATE).is_file()):
+    if not (folder / ck.MANIFEST).is_file():
         return
     reason = ck.verify(folder, check_hashes=False)
     if reason is None:

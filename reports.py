@@ -338,22 +338,24 @@ def _run_config(job_dir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def write_run_report(job_dir: str | os.PathLike, out_dir: str | os.PathLike = "outputs/reports") -> Path:
-    """`<out_dir>/<job>.md` for an sft.py run folder: base model, steps, final and best metrics, the charts
-    of run_charts linked, and the validation table. Returns the Markdown path."""
+def write_run_report(job_dir: str | os.PathLike, out_dir: str | os.PathLike = "outputs/reports",
+                     name: str | None = None) -> Path:
+    """`<out_dir>/<name>.md` (name: the run folder's) for an sft.py run folder: base model, steps, final
+    loss, the charts of run_charts (`<name>-loss.svg`, ...) linked, and the validation table. Returns the
+    Markdown path."""
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "metrics.jsonl").is_file():
         raise UserError(f"{job_dir}: no metrics.jsonl; expected an sft.py run folder "
                         "(outputs/checkpoints/<job>/)")
     rows = read_metrics(job_dir / "metrics.jsonl")
     cfg = _run_config(job_dir)  # sft.py's Config as a flat dict
-    name = job_dir.name
-    charts = run_charts(rows, out_dir / name, name)
+    name = name or job_dir.name
+    charts = run_charts(rows, out_dir / name, job_dir.name)
     train = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "eval_loss" in r or "eval_accuracy" in r]
     best = os.readlink(job_dir / "checkpoint-best") if (job_dir / "checkpoint-best").is_symlink() else None
     latest = (job_dir / "latest").read_text().strip() if (job_dir / "latest").is_file() else None
-    lines = [f"# Training run {name}", "",
+    lines = [f"# Training run {job_dir.name}", "",
              f"- run folder: `{show_path(job_dir.resolve())}/`",
              f"- base model: `{show_path(cfg.get('model_name_or_path'))}`"
              + (f" ({'LoRA' if cfg.get('use_lora') else 'full fine-tuning'})" if "use_lora" in cfg else ""),
