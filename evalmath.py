@@ -851,13 +851,19 @@ def cmd_grade(argv: list[str]) -> None:
 
 def cmd_report(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py report", description="Report one run or compare several.")
-    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir)")
+    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir); an sft.py "
+                    "run folder gets its training report (loss, learning rate, validation charts)")
     ap.add_argument("--eval_dir", default="outputs/eval")
     ap.add_argument("--reports_dir", default="outputs/reports")
     ap.add_argument("--out", default=None, help="markdown path of the comparison (default: reports_dir/compare-*.md)")
     ap.add_argument("--manual", action="store_true", help="use summary_manual where a run has one")
     a = ap.parse_args(argv)
-    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs]
+    folders = [r for r in a.runs if (Path(r) / "metrics.jsonl").is_file()]
+    for job in folders:
+        print(f"wrote {reports.write_run_report(job, a.reports_dir)}")
+    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs if r not in folders]
+    if not results:
+        return
     if len(results) == 1 and a.out is None:
         print(f"wrote {reports.write_report(results[0], a.reports_dir)}")
         return

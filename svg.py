@@ -30,6 +30,14 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 tick positions for a log axis over [lo, hi] (log10 values): whole decades, plus 2 and 5 times
+    each decade when the range spans at most two decades."""
+    d0, d1 = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
+    mults = (1, 2, 5) if d1 - d0 <= 2 else (1,)
+    return [math.log10(m) + d for d in range(d0, d1 + 1) for m in mults if math.log10(m) + d <= d1]
+
+
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -71,7 +79,7 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, 
     xs = [x for _, pts in series for x, _ in pts]
     ys = [tf(y) for _, pts in series for _, y in pts]
     x_ticks = nice_ticks(min(xs), max(xs))
-    y_ticks = nice_ticks(*(y_range or (min(ys), max(ys))))
+    y_ticks = log_ticks(min(ys), max(ys)) if log_y else nice_ticks(*(y_range or (min(ys), max(ys))))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     px = lambda x: LEFT + (x - x0) / (x1 - x0 or 1) * (W - LEFT - RIGHT)
     py = lambda y: H - BOTTOM - (y - y0) / (y1 - y0 or 1) * (H - TOP - BOTTOM)

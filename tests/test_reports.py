@@ -95,6 +95,9 @@ def test_run_report_charts_loss_lr_and_validation(tmp_path):
     assert "`/" not in text and "run folder: `../" in text  # paths relative to the repository
     with pytest.raises(reports.UserError, match="no metrics.jsonl"):
         reports.write_run_report(tmp_path, tmp_path / "reports")
+    evalmath.main(["report", str(job), "--reports_dir", str(tmp_path / "cli")])  # the same through the CLI
+    assert (tmp_path / "cli" / "myrun.md").read_text() == text
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.svg")) == sorted(links)
 
 
 def _result(run_id: str, model: str, correct: list[bool]) -> dict:
