@@ -326,6 +326,7 @@ class ModelSource:
     template: str | None
     template_from: str | None  # the file the template name was read from
     checkpoint: Path | None = None  # the checkpoint picked in a run folder (checkpoint-best, else latest)
+    fine_tuned_from: str | None = None  # a full checkpoint's base model, from its trainer_state.json
 
 
 def run_checkpoint(folder: Path) -> Path | None:
@@ -417,7 +418,9 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     meta_dir = adapter_dir or path
     template, template_from = find_template(meta_dir)
     tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
-    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked)
+    state = _read_json(path / "trainer_state.json") if adapter_dir is None else None
+    origin = _find_key(state, "base_model_name_or_path") if state else None
+    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked, origin)
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -442,13 +445,14 @@ def verify_checkpoint(folder: Path) -> None:
 
 
 def check_model_files(src: ModelSource) -> None:
-    """Pre-flight before loading: checkpoint manifests, the base model's and the adapter's safetensors
-    headers. Raises an error naming the file, what was expected and the fix."""
+    """Pre-flight before loading: checkpoint manifests, the base model's config.json, its and the adapter's
+    safetensors headers. Raises an error naming the file, what was expected and the fix."""
     import lora
     import model as M
 
     for folder in dict.fromkeys(d for d in (src.adapter, src.base) if d is not None):
         verify_checkpoint(folder)
+    M.load_config(src.base)
     M.check_weights(src.base)
     if src.adapter is not None:
         if not (src.adapter / lora.ADAPTER_WEIGHTS).is_file():
@@ -474,14 +478,16 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True):
-    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`."""
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True, check: bool = True):
+    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`.
+    `check`: run check_model_files first (run() does it itself, before printing what it evaluates)."""
     from transformers import AutoTokenizer
 
     import lora
     from model import Transformer
 
-    check_model_files(src)
+    if check:
+        check_model_files(src)
     model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
     if src.adapter is not None:
         try:
@@ -753,12 +759,13 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
     stamp = extra.pop("stamp")
-    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp, cfg.run_name)
+    run_id = cfg.run_id or make_run_id(str(src.checkpoint or cfg.model), name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
                                                  "prompt_lookup")}
     config = {"model": cfg.model, "checkpoint": str(src.checkpoint) if src.checkpoint else None,
+              "fine_tuned_from": src.fine_tuned_from,
               "adapter": str(src.adapter) if src.adapter else None,
               "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
@@ -780,10 +787,12 @@ def run(cfg: EvalConfig) -> list[Path]:
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    check_model_files(src)
     if src.checkpoint is not None:
         say(f"evalmath: {cfg.model} is a run folder: evaluating {src.checkpoint.name} "
             f"({'checkpoint-best' if (Path(cfg.model) / 'checkpoint-best').is_dir() else 'latest'})")
-    say(f"evalmath: base model {src.base}" + (f", adapter {src.adapter}" if src.adapter else ""))
+    say(f"evalmath: base model {src.base}" + (f", adapter {src.adapter}" if src.adapter else "")
+        + (f" (fine-tuned from {src.fine_tuned_from})" if src.fine_tuned_from else ""))
     template = None
     if cfg.num_fewshot == 0:
         name = cfg.template or src.template
@@ -794,7 +803,7 @@ def run(cfg: EvalConfig) -> list[Path]:
             template = data.load_template(name)
         except data.DataError as e:
             raise SystemExit(f"error: --template: {e}") from e
-    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora)
+    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
     eos = eos_token_ids(tokenizer, model.generation_config)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []

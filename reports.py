@@ -191,7 +191,8 @@ def render_markdown(result: dict, charts: list[Path] | None = None) -> str:
              f"- model: `{show_path(cfg['model'])}`"
              + (f" + adapter `{show_path(cfg['adapter'])}`" if cfg.get("adapter") else ""),
              f"- base model: `{show_path(cfg.get('base_model') or cfg['model'])}`"
-             + (f" (checkpoint `{show_path(cfg['checkpoint'])}`)" if cfg.get("checkpoint") else ""),
+             + (f" (fine-tuned from `{show_path(cfg['fine_tuned_from'])}`)" if cfg.get("fine_tuned_from") else "")
+             + (f"; checkpoint `{show_path(cfg['checkpoint'])}` of the run folder" if cfg.get("checkpoint") else ""),
              f"- dataset: {cfg['dataset']} ({cfg.get('split')}, {s['n']} problems, data sha256 "
              f"`{cfg['data_hash'][:16]}`)",
              f"- protocol: `{proto['name']}` (template {proto.get('template')}, {proto['num_fewshot']}-shot, "

@@ -451,7 +451,7 @@ def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_pa
 
 def test_non_utf8_row_names_file_line_and_byte_offset(tmp_path):
     f = tmp_path / "rows.jsonl"
-    first = '{"question": "q", "answer": "1"}\n'.encode()
+    first = b'{"question": "q", "answer": "1"}\n'
     f.write_bytes(first + b'{"question": "\xff\xfe", "answer": "2"}\n')
     with pytest.raises(DataError, match=rf"rows\.jsonl:2: not UTF-8 text at byte offset {len(first) + 14} "):
         data.load_records(str(f), "train", tmp_path)

@@ -54,8 +54,7 @@ def one_line_error(args: list[str], *expected: str, debug: bool = False) -> str:
 
 
 def evalmath_error(model: Path, problems: Path, *expected: str) -> str:
-    return one_line_error(["evalmath.py", "--model", str(model), "--dataset_file", str(problems), "--quiet"],
-                          *expected)
+    return one_line_error(["evalmath.py", "--model", str(model), "--dataset_file", str(problems)], *expected)
 
 
 # ----------------------------------------------------------------------------- model folders

@@ -145,18 +145,21 @@ def test_run_folder_evaluates_checkpoint_best_else_latest(tiny, tmp_path, capsys
         shutil.copytree(tiny, job / f"checkpoint-00000{step}")
     (job / "latest").write_text("checkpoint-000004\n")
     os.symlink("checkpoint-000002", job / "checkpoint-best")
+    state = {"step": 2, "template": "plain", "base_model_name_or_path": str(REPO / "models" / "tiny")}
+    (job / "checkpoint-000002" / "trainer_state.json").write_text(json.dumps(state))
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"question": "What is 3 + 4?", "answer": "7"}) + "\n")
     evalmath.main(["--model", str(job), "--dataset_file", str(problems), "--max_new_tokens", "2",
                    "--output_dir", str(tmp_path / "eval"), "--reports_dir", str(tmp_path / "rep")])
     err = capsys.readouterr().err
     assert f"{job} is a run folder: evaluating checkpoint-000002 (checkpoint-best)" in err
-    assert f"base model {job / 'checkpoint-000002'}" in err
+    assert f"base model {job / 'checkpoint-000002'} (fine-tuned from {REPO / 'models' / 'tiny'})" in err
     (path,) = (tmp_path / "eval").rglob("*.json")
     result = json.loads(path.read_text())
     assert result["config"]["checkpoint"] == str(job / "checkpoint-000002")
+    assert result["run_id"].startswith("job-checkpoint-000002-p-0shot-cot-plain_v1-")
     md = (tmp_path / "rep" / f"{result['run_id']}.md").read_text()
-    assert "- base model: `" in md and "checkpoint-000002" in md
+    assert "(fine-tuned from `models/tiny`); checkpoint `" in md and "checkpoint-000002` of the run folder" in md
     (job / "checkpoint-best").unlink()
     assert evalmath.resolve_model(str(job)).checkpoint == job / "checkpoint-000004"
 
