@@ -2,6 +2,7 @@
 
     python evalmath.py --model PATH [--adapter PATH] --datasets gsm8k math math500 [--limit N] ...
     python evalmath.py --config configs/eval.yaml --model PATH --datasets gsm8k   # YAML defaults, flags win
+    python evalmath.py --model outputs/checkpoints/JOB --datasets gsm8k          # run folder: checkpoint-best
     torchrun --standalone --nproc_per_node 2 evalmath.py --model PATH ...        # data-parallel: same results
     python evalmath.py grade --input preds.jsonl --output verdicts.jsonl          # re-grade without a model
     python evalmath.py report RUN [RUN ...] [--out outputs/reports/cmp.md]       # table + charts
