@@ -167,8 +167,8 @@ def real_data_note(a, before: dict, after: dict) -> list[str]:
         f"A ~1.5M-parameter model trained from random initialization for a few hundred steps cannot solve "
         f"{name}: each problem needs reading comprehension and several steps of arithmetic, which such a model "
         f"has never learned (the synthetic demo's two small additions are learnable; {name} is not at this size). "
-        f"Expect close to 0% test accuracy before and after training, which this run shows "
-        f"({before['summary']['accuracy']:.1%} -> {f['accuracy']:.1%}).{baseline} What training does teach it "
+        f"Expect close to 0% test accuracy before and after training; this run: "
+        f"{before['summary']['accuracy']:.1%} -> {f['accuracy']:.1%}.{baseline} What training does teach it "
         f"is the answer format: the no-answer rate went from {before['summary'].get('no_answer_rate', 0):.1%} to "
         f"{f.get('no_answer_rate', 0):.1%}, and the loss below falls. So this run checks the pipeline (data, "
         f"training, checkpoints, evaluation) on real files; real accuracy needs a pretrained base model "
@@ -176,7 +176,7 @@ def real_data_note(a, before: dict, after: dict) -> list[str]:
 
 
 def loss_curve(metrics: Path, width: int = 60) -> str:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    rows = reports.read_metrics(metrics)
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and "tokens_per_s" in r]
     evals = [(r["step"], r.get("eval_loss"), r.get("eval_accuracy")) for r in rows if "eval_loss" in r]
     if not pts:
@@ -197,7 +197,7 @@ def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, aft
     rel = lambda x: shown(str(Path(x).resolve()))
     out.parent.mkdir(parents=True, exist_ok=True)
     run_md = reports.write_run_report(job_dir, out.parent, name=f"{out.stem}-training")
-    charts = sorted(out.parent.glob(f"{run_md.stem}-*.svg"))
+    charts = [c for c in (out.parent / f"{run_md.stem}-{k}.svg" for k in ("loss", "lr", "accuracy")) if c.is_file()]
     b, f = before["summary"], after["summary"]
     threads = f"{a.threads} torch thread(s)" if a.threads else "torch's default threads"
     log_text = (job_dir / "train.log").read_text() if (job_dir / "train.log").is_file() else ""
