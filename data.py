@@ -9,7 +9,6 @@ door in packing.py (it needs torch; this file does not). Formats are documented 
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import json
@@ -31,14 +30,6 @@ REPO = Path(__file__).resolve().parent
 CACHE_VERSION = 1  # bump when the cache layout or tokenization logic changes
 TOKENIZE_CHUNK = 5000  # rows rendered and encoded per progress update
 NAMED = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",)}
-
-
-def __getattr__(name: str):
-    """`from data import PackedLoader` works too; the loader lives in packing.py (it imports torch)."""
-    if name == "PackedLoader":
-        from packing import PackedLoader
-        return PackedLoader
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 class DataError(ValueError):
@@ -752,20 +743,20 @@ def _progress(what: str, enabled: bool, every_s: float = 2.0):
 
 
 def summary_line(root: str | Path) -> str:
-    """One line on a cache's contents from its report.json: rows per split, bad rows skipped, examples
-    truncated or dropped (sft.py prints it into train.log too)."""
-    report = json.loads((Path(root) / "report.json").read_text())
-    sizes = ", ".join(f"{s} {n:,}" for s, n in report["sizes"].items())
-    skipped = len(report["malformed_rows"]) + len(report["empty_fields"])
-    tok = report.get("tokenized", {})
-    parts = [f"data: {sizes} rows"]
-    if skipped:
-        parts.append(f"{skipped} bad row(s) skipped (--skip_bad_rows; listed in {Path(root) / 'report.md'})")
-    for what in ("truncated", "dropped"):
-        n = sum(st.get(what, 0) for st in tok.values())
-        if n:
-            parts.append(f"{n:,} example(s) {what} at max_seq_length {report['max_seq_length']}")
-    return "; ".join(parts)
+    """One line on a cache's contents (`data: ` + report_counts of its report.json)."""
+    return "data: " + report_counts(json.loads((Path(root) / "report.json").read_text()))
+
+
+def report_counts(report: dict) -> str:
+    """Examples per split, bad rows skipped and examples truncated or dropped (a data cache's report.json);
+    prepare prints it, sft.py writes it into train.log."""
+    parts = [f"{n:,} {s}" for s, n in report.get("sizes", {}).items()]
+    bad = len(report.get("malformed_rows", [])) + len(report.get("empty_fields", []))
+    parts.append(f"{bad} bad rows skipped")
+    for split, st in report.get("tokenized", {}).items():
+        parts += [f"{st[k]} {split} examples {k} (longer than --max_seq_length)" for k in ("truncated", "dropped")
+                  if st.get(k)]
+    return ", ".join(parts) + " (details: report.md in the data cache)"
 
 
 def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template, st: dict, num_proc: int,
@@ -839,23 +830,10 @@ class PrepareConfig:
 
 
 def parse_config(argv: list[str]) -> PrepareConfig:
-    """--config YAML gives defaults, flags override; unknown YAML keys fail with a did-you-mean."""
-    import tyro
-    import yaml
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-    base = PrepareConfig()
-    if known.config:
-        raw = yaml.safe_load(Path(known.config).read_text()) or {}
-        names = {f.name: f for f in fields(PrepareConfig)}
-        for k, v in raw.items():
-            if k not in names:
-                near = difflib.get_close_matches(k, names, n=1)
-                raise DataError(f"{known.config}: unknown key '{k}'" + (f"; did you mean '{near[0]}'?"
-                                                                       if near else ""))
-            setattr(base, k, tuple(v) if isinstance(v, list) else v)
-    return tyro.cli(PrepareConfig, default=base, args=rest, use_underscores=True, prog="data.py prepare")
+    """--config YAML gives defaults, flags override; unknown YAML keys fail with a did-you-mean (cli.py)."""
+    import cli
+
+    return cli.parse_config(PrepareConfig, argv, prog="data.py prepare")[0]
 
 
 def main(argv: list[str]) -> None:

@@ -141,14 +141,6 @@ def load_result(run: str | os.PathLike, eval_dir: str | os.PathLike = "outputs/e
     return result, path
 
 
-def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- single-run report
 
 def show_path(p: str | os.PathLike | None) -> str | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from cli import UserError
 from data import IGNORE_INDEX, DataError
 from packing import PackedLoader
 
@@ -255,7 +256,7 @@ def test_chat_template_needs_one(shared):
 def test_config_yaml_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("datasets: [math]\nmax_seq_len: 10\n")
-    with pytest.raises(DataError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
+    with pytest.raises(UserError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
         data.parse_config(["--config", str(cfg)])
     cfg.write_text("datasets: [math]\nmax_seq_length: 1024\ntemplate: tulu\n")
     c = data.parse_config(["--config", str(cfg), "--template", "plain", "--ratios", "1", "2"])
@@ -377,7 +378,7 @@ def test_resume_yields_exactly_the_remaining_batches(cache):
 
 def test_ranks_disjoint_equal_steps(cache):
     loaders = [PackedLoader(cache, 1024, 2, rank=r, world_size=2, seed=0) for r in range(2)]
-    assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch > 0
+    assert loaders[0].steps_in_epoch(0) == loaders[1].steps_in_epoch(0) > 0
     seen = [[d for b in ld for d in _docs_of(b)] for ld in loaders]
     assert len(seen[0]) == len(set(seen[0])) and not set(seen[0]) & set(seen[1])
     single = [d for b in PackedLoader(cache, 1024, 4, seed=0) for d in _docs_of(b)]
@@ -417,7 +418,7 @@ def test_unpacked_mode_and_efficiency(cache):
     assert 0.9 < packed.efficiency <= 1.0
     plain = PackedLoader(cache, 1024, 3, packing=False, drop_last=False)
     meta = json.loads((cache / "meta.json").read_text())
-    assert plain.steps_per_epoch == -(-meta["num_docs"] // 3)  # counts examples like HF
+    assert plain.steps_in_epoch(0) == -(-meta["num_docs"] // 3)  # counts examples like HF
     batches = list(plain)
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) == meta["num_trained_tokens"]
     assert all(b["input_ids"].shape[1] <= 1024 for b in batches) and 0 < plain.efficiency <= 1
@@ -442,8 +443,8 @@ def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_pa
     assert progress[0].startswith("data: tokenizing train: 16/58 rows (")
     meta = json.loads((path / "meta.json").read_text())
     assert meta["skipped_rows"] == 2 and meta["truncated"] > 0
-    assert err[-1] == (f"data: train 58, valid 0, test 0 rows; 2 bad row(s) skipped (--skip_bad_rows; listed in "
-                       f"{path.parent / 'report.md'}); {meta['truncated']} example(s) truncated at max_seq_length 128")
+    assert err[-1] == (f"data: 58 train, 0 valid, 0 test, 2 bad rows skipped, {meta['truncated']} train examples "
+                       "truncated (longer than --max_seq_length) (details: report.md in the data cache)")
     data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
                  out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
     assert capsys.readouterr().err.splitlines() == [f"data: reusing the cache {path.parent}", err[-1]]
