@@ -17,6 +17,7 @@ import pytest
 import evalmath
 import reports
 import svg
+from cli import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "{http://www.w3.org/2000/svg}"
@@ -120,7 +121,7 @@ def test_eval_report_and_comparison_charts_side_by_side(tmp_path):
     assert linked_images(md) == ["base-level.svg", "base-subject.svg"]
     assert "base model: `../shared/models/qwen`" in md.read_text()
     for r in (base, ckpt):
-        reports.write_json_atomic(r, tmp_path / "eval" / "math500" / f"{r['run_id']}.json")
+        write_json(tmp_path / "eval" / "math500" / f"{r['run_id']}.json", r)
     out = tmp_path / "cmp" / "compare.md"
     evalmath.main(["report", "base", "ckpt", "--eval_dir", str(tmp_path / "eval"), "--out", str(out)])
     assert linked_images(out) == ["compare-level.svg", "compare-subject.svg"]
