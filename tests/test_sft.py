@@ -604,7 +604,7 @@ def test_user_mistakes_end_in_one_line_and_write_nothing(work, tmp_path, capsys)
         (args(work / "tiny", "--learning_rate", "-1e-3"), "--learning_rate must be > 0"),
         (args(work / "tiny", "--lora_r", "0"), "--lora_r must be >= 1"),
         (args(broken("notjson", lambda f: (f / "config.json").write_text('{"model_type": qwen2}'))),
-         "config.json is not valid JSON (line 1, column 16"),
+         "not valid JSON at line 1, column 16"),
         (args(broken("gpt2", lambda f: (f / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"})))),
          "unsupported model_type 'gpt2'"),
         (args(broken("yarn", lambda f: (f / "config.json").write_text(json.dumps(
