@@ -3,9 +3,9 @@
     python data.py prepare --datasets gsm8k math --data_dir ../shared/data \
         --tokenizer ../shared/models/qwen2.5-0.5b --template boxed --max_seq_length 2048
 
-Read top to bottom: answers (gold extraction), records (loaders), templates, tokenization,
-prepare (splits, sampling, validation report, atomic cache), CLI. The packed loader lives next
-door in packing.py (it needs torch; this file does not). Formats are documented in docs/data.md.
+Read top to bottom: templates, tokenization, prepare (DataConfig, splits, sampling, validation report,
+atomic cache), CLI. Raw files become records (with their gold answers) in records.py; the packed loader
+lives in packing.py (it needs torch; this file does not). Formats are documented in docs/data.md.
 """
 from __future__ import annotations
 
@@ -25,251 +25,12 @@ from typing import Literal
 
 import numpy as np
 
+from records import GOLD_CODE, NAMED, DataError, bad_row, boxed_answer, dataset_files, load_records
+
 IGNORE_INDEX = -100  # label value that the loss ignores (the one definition in the project)
 REPO = Path(__file__).resolve().parent
-CACHE_VERSION = 1  # bump when the cache layout or tokenization logic changes
+CACHE_VERSION = 2  # bump when the cache layout, record reading or tokenization logic changes
 TOKENIZE_CHUNK = 5000  # rows rendered and encoded per progress update
-NAMED = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",)}
-
-
-class DataError(ValueError):
-    """Bad input data or arguments; the message names the file/line/flag and the fix."""
-
-
-# ----------------------------------------------------------------------------- answers
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last brace-balanced \\boxed{...} / \\fbox{...} (also `\\boxed 5`), raw."""
-    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\b", text))):
-        i = m.end()
-        if text.startswith(" ", i) and not text[i:].lstrip(" ").startswith("{"):  # `\boxed 5`
-            arg = re.match(r"\s*([^\s$]+)", text[i:])
-            if arg:
-                return arg.group(1)
-            continue
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i >= len(text) or text[i] != "{":
-            continue
-        depth, j = 0, i
-        while j < len(text):
-            if text[j] == "\\":  # an escaped character (\{, \}, \\) never counts as a brace
-                j += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1:j]
-            j += 1
-    return None
-
-
-def normalize_number(s: str) -> str:
-    """GSM8K-style number: drop commas, `$`, trailing period and units ("1,000 dollars." -> "1000")."""
-    s = s.strip().replace(",", "").replace("$", "").strip().rstrip(".").strip()
-    m = re.match(r"^(-?\d+(?:\.\d+)?(?:/\d+)?)(?:\s*[A-Za-z%][\w %.]*)?$", s)
-    return m.group(1) if m else s
-
-
-def gsm8k_final_answer(text: str) -> str | None:
-    """The normalized number after the last `####` of a GSM8K answer, or None."""
-    if "####" not in text:
-        return None
-    final = normalize_number(text.rsplit("####", 1)[1])
-    return final or None
-
-
-def _strip_text_unit(s: str) -> str:
-    # "5 \text{ cm}" -> "5": a trailing \text{letters} after a number or closing brace is a unit.
-    return re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z ]+\}\s*$", "", s)
-
-
-def normalize_math_answer(s: str) -> str:
-    """Light, safe LaTeX normalization of a MATH gold answer (the raw answer is kept too)."""
-    s = s.strip()
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\\left\b|\\right\b", "", s)
-    s = re.sub(r"(?<=\d)(?:,\\!|\{,\})(?=\d{3})", "", s)  # LaTeX thousands separators: 34,\!560
-    s = re.sub(r"(?<!\\)\\[!,;:]|(?<!\\)\\ ", " ", s)  # thin spaces (not the `\\` row break)
-    s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
-    s = _strip_text_unit(s)
-    s = s.replace("\\$", "").replace("$", "").strip().rstrip(".").strip()
-    # spacing: drop spaces outside \text{...} unless they separate two letters (`\pi r` stays)
-    parts = re.split(r"(\\text\{[^{}]*\})", s)
-    s = "".join(p if p.startswith("\\text{") else re.sub(r"\s+(?![A-Za-z])|(?<![A-Za-z])\s+", "", p)
-                for p in parts)
-    return s
-
-
-# ----------------------------------------------------------------------------- records
-
-def _record(id, source, split, question, solution, answer, **meta) -> dict:
-    return {"id": id, "source": source, "split": split, "question": question,
-            "solution": solution, "answer": answer, "meta": meta}
-
-
-def _read_rows(path: Path, skip_bad_rows: bool, problems: list | None):
-    """Yield (where, row-dict) from a jsonl (or parquet) file; malformed lines raise or are skipped."""
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                            "or convert the file to jsonl") from e
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:{i}", row
-        return
-    n, offset = 0, 0
-    with open(path, "rb") as f:  # bytes, so a line that is not UTF-8 is reported with its byte offset
-        for i, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                _bad(f"{path}:{i}", f"not UTF-8 text at byte offset {start + e.start} of the file "
-                     f"({raw[e.start:e.start + 4]!r}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-                     skip_bad_rows, problems)
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                _bad(f"{path}:{i}", f"malformed JSON ({e})", skip_bad_rows, problems)
-                continue
-            n += 1
-            yield f"{path}:{i}", row
-    if n == 0 and not (problems and any(p["where"].startswith(f"{path}:") for p in problems)):
-        raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
-
-
-def _bad(where: str, why: str, skip_bad_rows: bool, problems: list | None) -> None:
-    if not skip_bad_rows:
-        raise DataError(f"{where}: {why}. Fix the row, or pass --skip_bad_rows to skip and count it.")
-    if problems is not None:
-        problems.append({"where": where, "why": why})
-
-
-def _need(row: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
-    for k in keys:
-        if not isinstance(row.get(k), str):
-            got = "missing" if k not in row else f"a {type(row[k]).__name__}, not a string"
-            raise KeyError(f"field '{k}' is {got} (the {fmt} format needs {', '.join(keys)}; "
-                           f"row keys: {sorted(row)})")
-
-
-def _parse_level(level) -> int | None:
-    if isinstance(level, int):
-        return level
-    m = re.fullmatch(r"\s*(?:Level\s*)?(\d+)\s*", str(level or ""))
-    return int(m.group(1)) if m else None  # "Level ?" -> None (counted in the report)
-
-
-def _gsm8k(row, where, source, split, idx):
-    _need(row, ("question", "answer"), where, "GSM8K")
-    rationale = row["answer"].rsplit("####", 1)[0].rstrip()
-    final_raw = row["answer"].rsplit("####", 1)[1].strip() if "####" in row["answer"] else None
-    return _record(row.get("id", f"{source}/{split}/{idx}"), source, split, row["question"], rationale,
-                   gsm8k_final_answer(row["answer"]), answer_raw=final_raw)
-
-
-def _math(row, where, source, split, idx):
-    _need(row, ("problem", "solution"), where, "MATH")
-    raw = row["answer"] if isinstance(row.get("answer"), str) else extract_boxed(row["solution"])
-    uid = row.get("unique_id") or row.get("id") or f"{source}/{split}/{idx}"
-    return _record(uid, source, split, row["problem"], row["solution"],
-                   normalize_math_answer(raw) if raw is not None else None, answer_raw=raw,
-                   level=_parse_level(row.get("level")), level_raw=row.get("level"),
-                   subject=row.get("type") or row.get("subject"), unique_id=row.get("unique_id"))
-
-
-def _generic(row, where, source, split, idx):
-    """instruction/input/output, question/answer(/solution), problem/solution, prompt/completion, messages."""
-    rid = str(row.get("id", f"{source}/{split}/{idx}"))
-    src = row.get("dataset", source)
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise KeyError("field 'messages' must be a non-empty list of {role, content}")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise KeyError(f"bad message {str(m)[:80]} (role must be system/user/assistant, "
-                               "content a string)")
-        user = next((m["content"] for m in msgs if m["role"] == "user"), "")
-        reply = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), "")
-        return _record(rid, src, split, user, reply, None, format="messages", messages=msgs)
-    if "instruction" in row:
-        _need(row, ("instruction", "output"), where, "instruction/input/output")
-        q = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return _record(rid, src, split, q, row["output"], None, format="instruction")
-    if "prompt" in row and "completion" in row:
-        _need(row, ("prompt", "completion"), where, "prompt/completion")
-        return _record(rid, src, split, row["prompt"], row["completion"], None, format="prompt_completion")
-    if "problem" in row:
-        return {**_math(row, where, src, split, idx), "id": rid}
-    if "question" in row and "####" in str(row.get("answer", "")):
-        return {**_gsm8k(row, where, src, split, idx), "id": rid}
-    if "question" in row:
-        _need(row, ("question", "answer"), where, "question/answer")
-        sol = row["solution"] if isinstance(row.get("solution"), str) else row["answer"]
-        return _record(rid, src, split, row["question"], sol, row["answer"].strip(), format="qa")
-    raise KeyError(f"unrecognized row (keys {sorted(row)}); expected one of: messages, "
-                   "instruction/input/output, question/answer, problem/solution, prompt/completion")
-
-
-def _math_tree_rows(root: Path):
-    files = sorted(root.glob("*/*.json"), key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit()
-                                                         else p.stem))
-    if not files:
-        raise DataError(f"{root}: no <subject>/<n>.json files (expected the MATH release tree)")
-    for p in files:
-        try:
-            row = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise DataError(f"{p}:1: malformed JSON ({e})") from e
-        row.setdefault("unique_id", f"{root.name}/{p.parent.name}/{p.name}")
-        yield str(p), row
-
-
-def dataset_files(name_or_path: str, split: str, data_dir: str | Path) -> Path:
-    """The file (or MATH json tree) that holds `split` of a named dataset or a path."""
-    if name_or_path in NAMED:
-        if split not in NAMED[name_or_path]:
-            raise DataError(f"{name_or_path} has splits {NAMED[name_or_path]}, not '{split}'")
-        base = Path(data_dir) / name_or_path
-        path = base / f"{split}.jsonl"
-        if not path.exists() and (base / split).is_dir():
-            return base / split  # the official per-problem JSON tree
-        if not path.exists():
-            raise DataError(f"{path} not found: put the official {name_or_path} files under "
-                            f"{base}/ (see docs/data.md) or pass --data_dir")
-        return path
-    path = Path(name_or_path)
-    if not path.exists():
-        near = difflib.get_close_matches(name_or_path, list(NAMED), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise DataError(f"unknown dataset '{name_or_path}': not one of {sorted(NAMED)} and no such file."
-                        f"{hint}")
-    return path
-
-
-def load_records(name_or_path: str, split: str, data_dir: str | Path = "data/raw", *,
-                 skip_bad_rows: bool = False, problems: list | None = None) -> list[dict]:
-    """Read one split into the record schema. Bad rows raise DataError (file:line) unless skipped;
-    skipped rows are appended to `problems` as {"where", "why"}."""
-    path = dataset_files(name_or_path, split, data_dir)
-    source = name_or_path if name_or_path in NAMED else path.stem
-    convert = {"gsm8k": _gsm8k, "math": _math, "math500": _math}.get(name_or_path, _generic)
-    rows = _math_tree_rows(path) if path.is_dir() else _read_rows(path, skip_bad_rows, problems)
-    out = []
-    for idx, (where, row) in enumerate(rows):
-        try:
-            out.append(convert(row, where, source, split, idx))
-        except KeyError as e:
-            _bad(where, e.args[0] if e.args else str(e), skip_bad_rows, problems)
-    return out
 
 
 # ----------------------------------------------------------------------------- templates
@@ -314,7 +75,7 @@ def _solution_boxed(record: dict) -> str:
     """The solution ending with its final answer in \\boxed{} (MATH solutions already have one)."""
     sol = (record.get("solution") or "").strip()
     answer = record.get("answer") or record.get("meta", {}).get("answer_raw")  # GSM8K: 1000, not 1,000
-    if answer is None or extract_boxed(sol) is not None:
+    if answer is None or boxed_answer(sol) is not None:
         return sol
     return f"{sol}\nThe final answer is \\boxed{{{answer}}}".lstrip()
 
@@ -511,6 +272,29 @@ def write_token_cache(out: Path, tok: dict, meta: dict) -> None:
 
 # ----------------------------------------------------------------------------- prepare
 
+@dataclass
+class DataConfig:
+    """The settings of one token cache: data.prepare's argument and `python data.py prepare`'s flags (flags
+    override --config YAML). sft.py takes them as its data flags (sft.data_config maps the names)."""
+    datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl/parquet paths
+    data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl (or MATH's train/<subject>/<n>.json)
+    tokenizer: str = "models/Qwen2.5-0.5B"  # local folder with the tokenizer files (sft.py's default model)
+    template: str = "boxed"  # data/prompts/<name>.json: plain, boxed, tulu, chat
+    max_seq_length: int = 2048
+    truncation: Literal["truncate", "drop"] = "truncate"  # over-long examples
+    out_dir: str = "data/processed"
+    seed: int = 0  # splits, mixing, stratified sampling
+    valid_fraction: float = 0.05  # validation carved from train (datasets with an official test)
+    split_ratios: tuple[float, float, float] | None = None  # e.g. 8 1 1 for files without a split
+    ratios: tuple[float, ...] | None = None  # mixing weights, one per dataset; default proportional
+    percentage: float = 1.0  # LESS --percentage of the pooled train set
+    sample_seed: int = 42  # LESS --sample_data_seed
+    math_levels: tuple[int, ...] | None = None  # keep only these MATH levels
+    math_sample: int | None = None  # stratified (level x subject) sample of MATH train
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of failing
+    num_proc: int = 1  # tokenizer processes (the fast tokenizer already uses threads)
+
+
 def _sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -625,7 +409,7 @@ def validate(splits: dict[str, list[dict]], problems: list[dict], skip_bad_rows:
             empty = [k for k in ("question", "solution") if not (r[k] or "").strip() and split != "test"]
             if empty:
                 report["empty_fields"].append({"id": r["id"], "split": split, "fields": empty})
-                _bad(f"{r['source']} {split} id {r['id']}", f"empty {', '.join(empty)}", skip_bad_rows, None)
+                bad_row(f"{r['source']} {split} id {r['id']}", f"empty {', '.join(empty)}", skip_bad_rows, None)
                 continue
             if r["answer"] is None and r["source"] in NAMED:
                 report["gold_missing"].append(r["id"])
@@ -670,25 +454,29 @@ def _report_md(report: dict) -> str:
 
 
 def cache_key(sources, data_dir, tokenizer_path, template_path: Path, settings: dict) -> str:
-    """Hash of raw file contents, tokenizer files, template file and every setting."""
+    """Hash of raw file contents, tokenizer files, template file, every setting and the grader code that reads
+    gold answers (records.GOLD_CODE: a grader change rebuilds the records and GSM8K's boxed targets)."""
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **settings}, sort_keys=True).encode())
     for s in sources:
         for split, path in sorted(_source_splits(s, data_dir).items()):
             h.update(f"{s}:{split}:{_sha256_files([path])}".encode())
     h.update(_sha256_files(_tokenizer_files(Path(tokenizer_path))).encode())
     h.update(template_path.read_bytes())
+    h.update(_sha256_files([REPO / f for f in GOLD_CODE]).encode())
     return h.hexdigest()[:16]
 
 
-def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "data/raw",
-            tokenizer_path: str | Path = "", template: str = "boxed", max_seq_length: int = 2048,
-            out_dir: str | Path = "data/processed", seed: int = 0, truncation: str = "truncate",
-            ratios: list[float] | None = None, percentage: float = 1.0, sample_seed: int = 42,
-            skip_bad_rows: bool = False, valid_fraction: float = 0.05,
-            split_ratios: list[float] | None = None, math_levels: list[int] | None = None,
-            math_sample: int | None = None, num_proc: int = 1,
-            prompts_dir: str | Path = REPO / "data" / "prompts", progress: bool = True) -> Path:
-    """Build (or reuse) the cache; return <out_dir>/<key>/<split> ('train' or 'valid').
+def _settings(cfg: DataConfig, template_name: str) -> dict:
+    """The DataConfig fields that shape the cache's content, JSON-ready (the raw files, tokenizer and template
+    enter the key by content; out_dir and num_proc change nothing in it)."""
+    st = {k: list(v) or None if isinstance(v, (tuple, list)) else v for k, v in asdict(cfg).items()
+          if k not in ("data_dir", "tokenizer", "out_dir", "num_proc")}
+    return {"sources": st.pop("datasets"), **st, "template": template_name}
+
+
+def prepare(cfg: DataConfig, split: str = "train", prompts_dir: str | Path = REPO / "data" / "prompts",
+            progress: bool = True) -> Path:
+    """Build (or reuse) the cache of `cfg`; return <out_dir>/<key>/<split> ('train' or 'valid').
     The folder holds tokens.npy, loss_mask.npy, doc_offsets.npy and meta.json (it is absent when the
     split is empty, e.g. valid_fraction=0); the key folder also holds records/{train,valid,test}.jsonl
     and report.{json,md}. Every split's meta.json counts `skipped_rows` (bad rows skipped with
@@ -696,23 +484,21 @@ def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "da
     those counts (summary_line) to stderr."""
     if split not in ("train", "valid"):
         raise DataError(f"split must be 'train' or 'valid' (test is evaluated from records), not {split!r}")
-    if not sources:
+    if not cfg.datasets:
         raise DataError("no datasets given: pass --datasets gsm8k math (or jsonl paths)")
-    tpl = load_template(template, prompts_dir)
-    tpl_path = Path(template) if template.endswith(".json") else Path(prompts_dir) / f"{template}.json"
-    settings = dict(sources=list(sources), max_seq_length=max_seq_length, truncation=truncation, seed=seed,
-                    ratios=ratios, percentage=percentage, sample_seed=sample_seed, skip_bad_rows=skip_bad_rows,
-                    valid_fraction=valid_fraction, split_ratios=split_ratios, math_levels=math_levels,
-                    math_sample=math_sample, template=tpl.name)
-    if not Path(tokenizer_path).is_dir():
-        load_tokenizer(tokenizer_path)  # raises the clear error
-    key = cache_key(sources, data_dir, tokenizer_path, tpl_path, settings)
-    root = Path(out_dir) / f"{'+'.join(Path(s).stem for s in sources)}-{tpl.name}-{key}"
+    sources = list(cfg.datasets)
+    tpl = load_template(cfg.template, prompts_dir)
+    tpl_path = Path(cfg.template) if cfg.template.endswith(".json") else Path(prompts_dir) / f"{cfg.template}.json"
+    settings = _settings(cfg, tpl.name)
+    if not Path(cfg.tokenizer).is_dir():
+        load_tokenizer(cfg.tokenizer)  # raises the clear error
+    key = cache_key(sources, cfg.data_dir, cfg.tokenizer, tpl_path, settings)
+    root = Path(cfg.out_dir) / f"{'+'.join(Path(s).stem for s in sources)}-{tpl.name}-{key}"
     if not root.exists():
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=out_dir))
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cfg.out_dir))
         try:
-            _build(tmp, key, sources, data_dir, tokenizer_path, tpl, settings, num_proc, progress)
+            _build(tmp, key, cfg, tpl, settings, progress)
             os.rename(tmp, root)  # atomic publish; a concurrent run that won keeps its copy
         except OSError:
             if not root.exists():
@@ -759,10 +545,10 @@ def report_counts(report: dict) -> str:
     return ", ".join(parts) + " (details: report.md in the data cache)"
 
 
-def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template, st: dict, num_proc: int,
-           progress: bool = False):
+def _build(tmp: Path, key: str, cfg: DataConfig, tpl: Template, st: dict, progress: bool = False):
     t0 = time.time()
     problems: list[dict] = []
+    sources, data_dir, tokenizer_path = st["sources"], cfg.data_dir, cfg.tokenizer
     per = {s: _split_source(s, _source_splits(s, data_dir), data_dir, st["seed"], st["valid_fraction"],
                             st["split_ratios"], st["skip_bad_rows"], problems) for s in sources}
     if "math" in per and st["math_levels"]:
@@ -787,7 +573,7 @@ def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template
     report["tokenized"] = {}
     for split, recs in splits.items():
         if split != "test" and recs:  # an empty split gets no token folder
-            out = tokenize_records(recs, tpl, tok, st["max_seq_length"], st["truncation"], num_proc,
+            out = tokenize_records(recs, tpl, tok, st["max_seq_length"], st["truncation"], cfg.num_proc,
                                    tokenizer_path, _progress(split, progress))
             recs = [recs[i] for i in out["kept"]]
             skipped = len(report["malformed_rows"]) + len(report["empty_fields"])
@@ -807,33 +593,11 @@ def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template
 
 # ----------------------------------------------------------------------------- CLI
 
-@dataclass
-class PrepareConfig:
-    """python data.py prepare: build the token cache (flags override --config YAML)."""
-    datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl/parquet paths
-    data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl (or MATH's train/<subject>/<n>.json)
-    tokenizer: str = "models/Qwen2.5-0.5B"  # local folder with the tokenizer files (sft.py's default model)
-    template: str = "boxed"  # data/prompts/<name>.json: plain, boxed, tulu, chat
-    max_seq_length: int = 2048
-    truncation: Literal["truncate", "drop"] = "truncate"  # over-long examples
-    out_dir: str = "data/processed"
-    seed: int = 0  # splits, mixing, stratified sampling
-    valid_fraction: float = 0.05  # validation carved from train (datasets with an official test)
-    split_ratios: tuple[float, float, float] | None = None  # e.g. 8 1 1 for files without a split
-    ratios: tuple[float, ...] | None = None  # mixing weights, one per dataset; default proportional
-    percentage: float = 1.0  # LESS --percentage of the pooled train set
-    sample_seed: int = 42  # LESS --sample_data_seed
-    math_levels: tuple[int, ...] | None = None  # keep only these MATH levels
-    math_sample: int | None = None  # stratified (level x subject) sample of MATH train
-    skip_bad_rows: bool = False  # skip and count malformed rows instead of failing
-    num_proc: int = 1  # tokenizer processes (the fast tokenizer already uses threads)
-
-
-def parse_config(argv: list[str]) -> PrepareConfig:
+def parse_config(argv: list[str]) -> DataConfig:
     """--config YAML gives defaults, flags override; unknown YAML keys fail with a did-you-mean (cli.py)."""
     import cli
 
-    return cli.parse_config(PrepareConfig, argv, prog="data.py prepare")[0]
+    return cli.parse_config(DataConfig, argv, prog="data.py prepare")[0]
 
 
 def main(argv: list[str]) -> None:
@@ -841,9 +605,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python data.py prepare [--config configs/data_gsm8k.yaml] [flags]; "
                          "see python data.py prepare --help")
     cfg = parse_config(argv[1:])
-    kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     t0 = time.time()
-    path = prepare(kw.pop("datasets"), tokenizer_path=kw.pop("tokenizer"), **kw)
+    path = prepare(cfg)
     print((path.parent / "report.md").read_text())
     print(f"cache: {path.parent} ({time.time() - t0:.2f}s)")
 

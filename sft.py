@@ -62,7 +62,7 @@ class Config:
     lora_modules_to_save: tuple[str, ...] = ()  # modules trained whole and saved in the adapter (not in LESS mode)
     loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices learn at this multiple of the lr
     save_merged: Bool = False  # LoRA: also write the merged model (HF format) into each checkpoint/merged/
-    # --- data (passed to data.prepare; see docs/data.md)
+    # --- data (data.DataConfig: data_config below; see docs/data.md)
     datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl paths
     train_files: tuple[str, ...] = ()  # jsonl files; when given they replace --datasets
     data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl for named datasets
@@ -126,16 +126,24 @@ class Config:
     dry_run_world_size: int = 0  # GPUs to assume in the memory estimate (0: the current world size)
 
 
-# data.py's YAML keys (configs/data_*.yaml, told by `tokenizer`/`out_dir`) named otherwise here (None: unused)
-DATA_YAML_KEYS = {"seed": "data_seed", "sample_seed": "sample_data_seed", "out_dir": "data_cache_dir",
-                  "tokenizer": None}
+# data.DataConfig's fields that have another name here; the others share their name with a Config field
+DATA_NAMES = {"seed": "data_seed", "sample_seed": "sample_data_seed", "out_dir": "data_cache_dir",
+              "tokenizer": "model_name_or_path"}
+
+
+def data_config(cfg: Config) -> data.DataConfig:
+    """The data flags as data.prepare takes them (--train_files, when given, replace --datasets)."""
+    kw = {f.name: getattr(cfg, DATA_NAMES.get(f.name, f.name)) for f in dataclasses.fields(data.DataConfig)}
+    return data.DataConfig(**{**kw, "datasets": cfg.train_files or cfg.datasets})
 
 
 def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
-    """argv -> (Config, notes): LESS flag strings translated (less.py), `--config` YAML files as defaults, flags."""
+    """argv -> (Config, notes): LESS flag strings translated (less.py), `--config` YAML files as defaults, flags.
+    A data.py YAML file (configs/data_*.yaml: it has `tokenizer` or `out_dir`) uses data.py's names (DATA_NAMES);
+    its `tokenizer` is ignored (the model's tokenizer is used)."""
     argv, notes = less.translate_if_less(argv, {f.name for f in dataclasses.fields(Config)})
-    data_yaml = lambda raw: DATA_YAML_KEYS if "tokenizer" in raw or "out_dir" in raw else None
-    cfg, files = parse_config(Config, argv, data_yaml)
+    data_keys = {**DATA_NAMES, "tokenizer": None}
+    cfg, files = parse_config(Config, argv, lambda raw: data_keys if "tokenizer" in raw or "out_dir" in raw else None)
     return cfg, notes + files
 
 
@@ -292,15 +300,8 @@ class Data:
 
 def build_data(cfg: Config, d: Dist) -> Data:
     """data.prepare on rank 0 (the token cache, shared by every rank) -> packed loaders and the step plan."""
-    kw = dict(data_dir=cfg.data_dir, tokenizer_path=cfg.model_name_or_path, template=cfg.template,
-              max_seq_length=cfg.max_seq_length, out_dir=cfg.data_cache_dir, seed=cfg.data_seed,
-              truncation=cfg.truncation, ratios=list(cfg.ratios) if cfg.ratios else None,
-              percentage=cfg.percentage, sample_seed=cfg.sample_data_seed, skip_bad_rows=cfg.skip_bad_rows,
-              valid_fraction=cfg.valid_fraction, split_ratios=list(cfg.split_ratios) if cfg.split_ratios else None,
-              math_levels=list(cfg.math_levels) if cfg.math_levels else None, math_sample=cfg.math_sample,
-              num_proc=cfg.num_proc)
     try:  # rank 0 builds the cache, then every rank opens it
-        train_dir = ck.on_rank0(d.main, lambda: data.prepare(list(cfg.train_files or cfg.datasets), "train", **kw))
+        train_dir = ck.on_rank0(d.main, lambda: data.prepare(data_config(cfg), "train"))
         loader_kw = dict(seq_len=cfg.max_seq_length, batch_size=cfg.per_device_train_batch_size, rank=d.rank,
                          world_size=d.world, seed=cfg.seed, packing=cfg.packing)
         train = packing.PackedLoader(train_dir, **loader_kw)

@@ -47,8 +47,8 @@ def main(a: Args) -> dict:
                  "load_avg_1min_start": round(os.getloadavg()[0], 1)}
     with tempfile.TemporaryDirectory() as tmp:
         def prep():
-            return data.prepare(["gsm8k", "math"], "train", a.data_dir, a.tokenizer, a.template,
-                                a.max_seq_length, out_dir=tmp)
+            return data.prepare(data.DataConfig(datasets=("gsm8k", "math"), data_dir=a.data_dir, tokenizer=a.tokenizer,
+                                                template=a.template, max_seq_length=a.max_seq_length, out_dir=tmp))
         cpu0 = time.process_time()
         cache, res["cold_s"] = timed(prep)
         res["cold_cpu_s"] = time.process_time() - cpu0  # all threads of this process

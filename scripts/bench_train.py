@@ -64,8 +64,9 @@ def setup(n_examples: int, seq: int, hidden: int, layers: int, shape: str = "tin
     if not (model_dir / "config.json").exists():
         make_tiny(model_dir, arch="llama", seed=0, hidden=hidden, layers=layers, heads=4, kv_heads=4,
                   tokenizer_corpus=[str(shared / "gsm8k" / "train.jsonl")])
-    cache = data.prepare(["gsm8k"], "train", data_dir=shared, tokenizer_path=str(model_dir), template="plain",
-                         max_seq_length=seq, out_dir=WORK / "processed", valid_fraction=0.0)
+    cache = data.prepare(data.DataConfig(datasets=("gsm8k",), data_dir=str(shared), tokenizer=str(model_dir),
+                                         template="plain", max_seq_length=seq, out_dir=str(WORK / "processed"),
+                                         valid_fraction=0.0))
     toks, masks = np.load(cache / "tokens.npy"), np.load(cache / "loss_mask.npy")
     offs = np.load(cache / "doc_offsets.npy")
     exported = WORK / f"examples-{seq}.jsonl"

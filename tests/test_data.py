@@ -11,11 +11,15 @@ import pytest
 import torch
 
 import data
+import records
 from cli import UserError
 from data import IGNORE_INDEX, DataError
 from packing import PackedLoader
 
-KNOWN_MALFORMED_MATH: set[str] = set()  # every MATH solution has a recoverable \boxed answer
+KNOWN_MALFORMED_MATH = {"train/number_theory/7115.json", "train/number_theory/7117.json"}  # `\boxed{}`: empty
+# golds the grader does not credit in their own raw form: its normalize_answer is not idempotent on
+# `\$\dfrac23 \approx \$0.67` (normalised once: `\frac23 \approx 0.67`, twice: `\frac23`)
+KNOWN_UNCREDITED_GOLD = {"train/counting_and_probability/360.json"}
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +75,7 @@ def test_math500_joins_math_test(shared):
         t = test[r["meta"]["unique_id"]]
         assert (t["question"], t["solution"], t["meta"]["level"]) == (r["question"], r["solution"],
                                                                       r["meta"]["level"])
-        assert data.extract_boxed(t["solution"]) == r["meta"]["answer_raw"]
+        assert records.boxed_answer(t["solution"]) == r["meta"]["answer_raw"]
 
 
 def test_math_json_tree_equals_jsonl(shared, tmp_path):
@@ -87,35 +91,64 @@ def test_math_json_tree_equals_jsonl(shared, tmp_path):
     assert sorted(tree, key=lambda r: r["id"]) == sorted(flat, key=lambda r: r["id"])
 
 
+def test_every_gold_answer_is_read_and_credited_by_the_grader(shared):
+    """Every gold answer of the shipped data is extracted (records.py, through the grader), and the grader credits
+    each dataset's own answer against the stored gold: GSM8K's whole answer text (rationale and `#### N`), MATH's
+    and MATH-500's raw answer boxed as a model would write it."""
+    import grader
+
+    sizes, missing, uncredited = {}, set(), set()
+    for name, splits in records.NAMED.items():
+        for split in splits:
+            recs = data.load_records(name, split, shared / "data")
+            rows = [json.loads(x) for x in (shared / "data" / name / f"{split}.jsonl").open()]
+            sizes[f"{name}/{split}"] = len(recs)
+            for r, row in zip(recs, rows, strict=True):
+                if r["answer"] is None:
+                    missing.add(r["id"])
+                    continue
+                raw = r["meta"]["answer_raw"]
+                response = row["answer"] if name == "gsm8k" else f"The final answer is $\\boxed{{{raw}}}$."
+                if not grader.grade(response, r["answer"], grader.GRADE_DATASETS[name]).correct:
+                    uncredited.add(r["id"])
+    assert sizes == {"gsm8k/train": 7473, "gsm8k/test": 1319, "math/train": 7500, "math/test": 5000,
+                     "math500/test": 500}
+    assert missing == KNOWN_MALFORMED_MATH and uncredited == KNOWN_UNCREDITED_GOLD
+
+
 # ----------------------------------------------------------------------------- answers
 
 @pytest.mark.parametrize("text,want", [
     (r"so $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
     (r"\boxed{1} then \boxed{\{1,2\}}", r"\{1,2\}"),
+    (r"$x = \boxed{-2}$ or $x = \boxed{1}$.", "1"),  # the last box only (the grader joins boxes in responses)
+    ("$= \\boxed{24}$.\n\nChallenge: Is it a coincidence that the answer is 24?", "24"),  # later remarks
     (r"first \fbox{3}", "3"),
     (r"is $\boxed 5$.", "5"),
     (r"\boxed{a} and \boxed{unbalanced", "a"),
+    (r"there are $\boxed{}$ primes", None),
     ("no box here", None),
 ])
-def test_extract_boxed(text, want):
-    assert data.extract_boxed(text) == want
+def test_boxed_answer(text, want):
+    assert records.boxed_answer(text) == want
 
 
-@pytest.mark.parametrize("raw,want", [
-    (r"\dfrac{3}{4}", r"\frac{3}{4}"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
-    (r"60^\circ", "60"), (r"10^{\circ}.", "10"), (r"428\text{ square centimeters}", "428"),
-    (r"\text{(A)}", r"\text{(A)}"), (r"34,\!560", "34560"), (r"\$30", "30"), (r"\pi r^2", r"\pi r^2"),
-    (r"\begin{pmatrix} 1 \\ 0 \end{pmatrix}", r"\begin{pmatrix}1\\0\end{pmatrix}"),
+@pytest.mark.parametrize("raw,dataset,want", [
+    (r"\dfrac{3}{4}", "math", r"\frac{3}{4}"), (r"60^\circ", "math", "60"), (r"34,\!560", "math", "34560"),
+    (r"\$30", "math", "30"), ("1,080", "math", "1,080"), ("1,080", "gsm8k", "1080"), ("-12,345.5", "gsm8k", "-12345.5"),
 ])
-def test_normalize_math_answer(raw, want):
-    assert data.normalize_math_answer(raw) == want
+def test_gold_answer_is_the_graders_normal_form(raw, dataset, want):
+    import grader
+
+    assert records.gold_answer(raw, dataset) == want
+    assert grader.is_equiv(raw, want, dataset)
 
 
 def test_gsm8k_final_answer():
-    assert data.gsm8k_final_answer("x\n#### 1,234") == "1234"
-    assert data.gsm8k_final_answer("#### $18.") == "18"
-    assert data.gsm8k_final_answer("#### 5 dollars") == "5"
-    assert data.gsm8k_final_answer("no marker") is None
+    assert records.gsm8k_final_answer("x\n#### 1,234") == "1234"
+    assert records.gsm8k_final_answer("#### $18.") == "18"
+    assert records.gsm8k_final_answer("#### 5 dollars") == "5"
+    assert records.gsm8k_final_answer("no marker") is None
 
 
 # ----------------------------------------------------------------------------- templates
@@ -285,8 +318,8 @@ def test_mix_and_stratified_sample(shared):
 # ----------------------------------------------------------------------------- cache
 
 def _prepare(small_data, shared, out, **kw):
-    return data.prepare(["gsm8k", "math"], "train", small_data, shared / "models" / "qwen2.5-0.5b",
-                        "boxed", 1024, out_dir=out, **kw)
+    return data.prepare(data.DataConfig(datasets=("gsm8k", "math"), data_dir=small_data, out_dir=out,
+                                        tokenizer=shared / "models" / "qwen2.5-0.5b", max_seq_length=1024, **kw))
 
 
 def test_cache_hit_miss_and_report(small_data, shared, tmp_path):
@@ -312,8 +345,9 @@ def test_cache_hit_miss_and_report(small_data, shared, tmp_path):
 
 def test_truncate_and_drop_are_counted(small_data, shared, tmp_path):
     def meta(truncation):
-        path = data.prepare(["math"], "train", small_data, shared / "models" / "qwen2.5-0.5b", "boxed", 200,
-                            out_dir=tmp_path, truncation=truncation, valid_fraction=0.0)
+        path = data.prepare(data.DataConfig(datasets=("math",), data_dir=small_data, max_seq_length=200,
+                                            tokenizer=shared / "models" / "qwen2.5-0.5b", out_dir=tmp_path,
+                                            truncation=truncation, valid_fraction=0.0))
         assert not (path.parent / "valid").exists()  # empty split: no token folder
         return json.loads((path / "meta.json").read_text())
     kept, dropped = meta("truncate"), meta("drop")
@@ -435,8 +469,10 @@ def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_pa
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes(b"".join(lines))
     monkeypatch.setattr(data, "TOKENIZE_CHUNK", 16)
-    path = data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
-                        out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    cfg = data.DataConfig(datasets=(str(rows),), data_dir=tmp_path, tokenizer=shared / "models" / "qwen2.5-0.5b",
+                          max_seq_length=128, out_dir=tmp_path / "cache", skip_bad_rows=True,
+                          split_ratios=(1.0, 0.0, 0.0))
+    path = data.prepare(cfg)
     err = capsys.readouterr().err.splitlines()
     progress = [e for e in err if e.startswith("data: tokenizing train: ")]
     assert [p.split(": ")[2].split(" rows")[0] for p in progress][-1] == "58/58"
@@ -445,8 +481,7 @@ def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_pa
     assert meta["skipped_rows"] == 2 and meta["truncated"] > 0
     assert err[-1] == (f"data: 58 train, 0 valid, 0 test, 2 bad rows skipped, {meta['truncated']} train examples "
                        "truncated (longer than --max_seq_length) (details: report.md in the data cache)")
-    data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
-                 out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    data.prepare(cfg)
     assert capsys.readouterr().err.splitlines() == [f"data: reusing the cache {path.parent}", err[-1]]
 
 

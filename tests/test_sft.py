@@ -100,6 +100,26 @@ def test_yaml_defaults_flags_override_and_bool_forms(tmp_path):
     assert cfg.learning_rate == 5e-4
 
 
+def test_data_flags_and_data_yaml_build_one_data_config(tmp_path):
+    """sft's data flags, and a data.py YAML file's keys, become one data.DataConfig (sft.data_config); the flags
+    named otherwise here (--data_seed, --sample_data_seed, --data_cache_dir, the model's tokenizer) are mapped."""
+    yaml = tmp_path / "d.yaml"
+    yaml.write_text("datasets: [math]\nseed: 5\nsample_seed: 9\nout_dir: cache\ntokenizer: ignored\n"
+                    "math_levels: [3, 4]\nskip_bad_rows: true\n")
+    cfg, _ = sft.parse_args(["--config", str(yaml), "--model_name_or_path", "m", "--percentage", "0.5"])
+    assert (cfg.data_seed, cfg.sample_data_seed, cfg.data_cache_dir, cfg.seed) == (5, 9, "cache", 0)
+    want = sft.data.DataConfig(datasets=("math",), tokenizer="m", out_dir="cache", seed=5, sample_seed=9,
+                               math_levels=(3, 4), skip_bad_rows=True, percentage=0.5, max_seq_length=1024)
+    assert sft.data_config(cfg) == want
+    cfg, _ = sft.parse_args(["--config", str(REPO / "configs" / "data_math.yaml"), "--train_files", "a.jsonl",
+                             "--data_seed", "2"])
+    dc = sft.data_config(cfg)
+    assert (dc.datasets, dc.seed, dc.max_seq_length, dc.out_dir, dc.tokenizer) == (
+        ("a.jsonl",), 2, 2048, "data/processed", "models/Qwen2.5-0.5B")
+    assert sft.data.parse_config(["--config", str(REPO / "configs" / "data_math.yaml"), "--seed", "2"]) == \
+        sft.data.DataConfig(datasets=("math",), seed=2)
+
+
 def test_help_lists_every_flag_with_help_text():
     """`python sft.py --help` names every Config field as a flag, each with its help text (the field's comment)."""
     import dataclasses
