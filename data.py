@@ -274,8 +274,8 @@ def write_token_cache(out: Path, tok: dict, meta: dict) -> None:
 
 @dataclass
 class DataConfig:
-    """The settings of one token cache: data.prepare's argument and `python data.py prepare`'s flags (flags
-    override --config YAML). sft.py takes them as its data flags (sft.data_config maps the names)."""
+    """python data.py prepare: build the token cache (flags override --config YAML). The same settings are
+    data.prepare's argument; sft.py builds them from its data flags (sft.data_config)."""
     datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl/parquet paths
     data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl (or MATH's train/<subject>/<n>.json)
     tokenizer: str = "models/Qwen2.5-0.5B"  # local folder with the tokenizer files (sft.py's default model)
@@ -469,7 +469,7 @@ def cache_key(sources, data_dir, tokenizer_path, template_path: Path, settings: 
 def _settings(cfg: DataConfig, template_name: str) -> dict:
     """The DataConfig fields that shape the cache's content, JSON-ready (the raw files, tokenizer and template
     enter the key by content; out_dir and num_proc change nothing in it)."""
-    st = {k: list(v) or None if isinstance(v, (tuple, list)) else v for k, v in asdict(cfg).items()
+    st = {k: (list(v) or None) if isinstance(v, (tuple, list)) else v for k, v in asdict(cfg).items()
           if k not in ("data_dir", "tokenizer", "out_dir", "num_proc")}
     return {"sources": st.pop("datasets"), **st, "template": template_name}
 

@@ -136,7 +136,7 @@ def _math(row, where, source, split, idx):
     raw = row["answer"] if isinstance(row.get("answer"), str) else boxed_answer(row["solution"])
     uid = row.get("unique_id") or row.get("id") or f"{source}/{split}/{idx}"
     return _record(uid, source, split, row["problem"], row["solution"],
-                   gold_answer(raw, "math") or None if raw is not None else None, answer_raw=raw,
+                   (gold_answer(raw, "math") or None) if raw is not None else None, answer_raw=raw,
                    level=_parse_level(row.get("level")), level_raw=row.get("level"),
                    subject=row.get("type") or row.get("subject"), unique_id=row.get("unique_id"))
 

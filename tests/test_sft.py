@@ -148,7 +148,7 @@ def test_moved_modules_import_without_a_process_group():
     torch.distributed initialised (and cli.py without importing tyro or torch)."""
     code = ("import sys, torch.distributed as dist\n"
             "import cli\nassert 'tyro' not in sys.modules\n"
-            "import checkpoint, less, runlog, dryrun, evalmath, packing, model, maketiny, sft\n"
+            "import checkpoint, less, runlog, dryrun, evalmath, packing, records, model, maketiny, sft\n"
             "assert not dist.is_initialized()\n"
             "assert checkpoint.broadcast_object(3) == 3 and checkpoint.all_gather_object(4) == [4]\n"
             "checkpoint.barrier()\nprint('ok')\n")
