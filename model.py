@@ -300,7 +300,7 @@ class Transformer(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
         self.args, self.attn_impl = args, attn_impl
-        self.activation_checkpointing = False
+        self.activation_checkpointing, self.checkpoint_every = False, 1
         self.generation_config: dict | None = None  # generation_config.json of the loaded folder, written back on save
         self.model = DecoderModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -344,9 +344,13 @@ class Transformer(nn.Module):
                 dev = generator.device if generator is not None else p.device
                 p.copy_(torch.randn(p.shape, generator=generator, device=dev) * std)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each decoder block in backward (torch.utils.checkpoint, non-reentrant). FQNs don't change."""
+    def set_activation_checkpointing(self, enabled: bool, every: int = 1) -> None:
+        """Recompute decoder blocks in backward (torch.utils.checkpoint, non-reentrant): every block, or with
+        every=k every k-th one (blocks 0, k, 2k, ...: memory traded for less recompute). FQNs don't change."""
+        if every < 1:
+            raise ValueError(f"activation checkpointing every={every}: expected 1 (all blocks) or more")
         self.activation_checkpointing = bool(enabled)
+        self.checkpoint_every = every
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -386,8 +390,8 @@ class Transformer(nn.Module):
             inv_freq = rope_inv_freq(self.args, device=inv_freq.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
-            if use_ckpt:
+        for i, layer in enumerate(self.model.layers):
+            if use_ckpt and i % self.checkpoint_every == 0:
                 h = checkpoint(layer, h, cos, sin, plan, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, plan, cache)

@@ -201,7 +201,7 @@ class PackedLoader:
         """__iter__ with every batch moved by to_device, the next batch built and its copy queued before the
         current one is handed out (host work and the copy overlap the caller's compute). The cursor moves only
         as batches are handed out, so state_dict() stays exact."""
-        steps, nxt = self.steps_per_epoch, None
+        steps, nxt = self.steps_in_epoch(self.epoch), None
         while self.step < steps:
             cur = nxt if nxt is not None else to_device(self.batch(self.epoch, self.step), device)
             nxt = to_device(self.batch(self.epoch, self.step + 1), device) if self.step + 1 < steps else None

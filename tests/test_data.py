@@ -385,7 +385,7 @@ def test_iter_on_device_yields_the_same_batches_and_keeps_the_cursor_exact(cache
         assert a.state_dict() == b.state_dict()
         assert isinstance(y["max_seqlen"], int) and all(y[k].device.type == "cpu" for k in HOST_KEYS[:-1])
         assert all(torch.equal(x[k], y[k]) for k in x if k != "max_seqlen") and y["max_seqlen"] == int(x["max_seqlen"])
-    assert sum(1 for _ in ahead) == a.steps_per_epoch - 3 and b.epoch == 1 and b.step == 0
+    assert sum(1 for _ in ahead) == a.steps_in_epoch(0) - 3 and b.epoch == 1 and b.step == 0
 
 
 def test_resume_yields_exactly_the_remaining_batches(cache):

@@ -161,10 +161,10 @@ def test_packed_gradients_equal_each_document_alone(hf_dirs):
     cu, mx = cu_seqlens_of(lens)
     given = dict(cu_seqlens=cu, max_seqlen=mx, position_ids=M.positions_from_doc_ids(doc_ids))
     grads = {}
-    for name, kw, ckpt in [("ref", None, False), ("doc_ids", dict(doc_ids=doc_ids), False),
-                           ("cu_seqlens", given, False), ("checkpointed", dict(doc_ids=doc_ids), True)]:
+    for name, kw, ckpt in [("ref", None, 0), ("doc_ids", dict(doc_ids=doc_ids), 0), ("cu_seqlens", given, 0),
+                           ("checkpointed", dict(doc_ids=doc_ids), 1), ("every 2nd block", given, 2)]:
         m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl="per_doc")
-        m.set_activation_checkpointing(ckpt)
+        m.set_activation_checkpointing(ckpt > 0, every=max(ckpt, 1))
         logits = each_document_alone(m, ids, lens) if kw is None else m(ids, **kw)
         logits.logsumexp(-1).mean().backward()
         grads[name] = torch.cat([p.grad.flatten() for p in m.parameters()])
@@ -467,3 +467,16 @@ def test_linear_cross_entropy_values_grads_and_no_grad_work():
     w.requires_grad_(False)  # a frozen head (LoRA)
     (gx2,) = torch.autograd.grad(M.linear_cross_entropy(x, w, y, chunk=8), (x,))
     assert torch.equal(gx2, gx)
+
+
+@pytest.mark.parametrize("every,expected", [(1, [2, 2, 2, 2]), (2, [2, 1, 2, 1]), (3, [2, 1, 1, 2])])
+def test_activation_checkpointing_every_kth_block_recomputes_only_those(every, expected):
+    args = M.ModelArgs(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2)
+    m = M.Transformer.from_args(args, generator=torch.Generator().manual_seed(0))
+    m.set_activation_checkpointing(True, every=every)
+    calls = [0] * 4
+    for i, layer in enumerate(m.model.layers):
+        layer.register_forward_pre_hook(lambda mod, inp, i=i: calls.__setitem__(i, calls[i] + 1))
+    m(torch.randint(0, V, (1, 12))).sum().backward()
+    assert calls == expected  # a checkpointed block runs again in backward
