@@ -11,7 +11,8 @@ A batch holds int64 [B, T] `input_ids`, `labels`, `position_ids`, `doc_ids`; `cu
 where every document, padding tails included, starts in the flattened B*T tokens, then B*T: what varlen
 attention takes); and numbers computed on the CPU so a trainer never reads them back from the device:
 `real_tokens` [B] (non-pad tokens per row), 0-d `num_tokens`, `num_labels` (labels != IGNORE_INDEX) and
-`max_seqlen` (the longest document). `to_device` / `iter_on` keep those (HOST_KEYS) on the CPU, and
+`max_seqlen` (the longest document); `label_pos` (int64 [num_labels], the flattened positions of those labels:
+`hidden.flatten(0, 1)[label_pos]` selects the trained positions without the host sync of a boolean mask). `to_device` / `iter_on` keep those (HOST_KEYS) on the CPU, and
 `max_seqlen` is also a plain int under `max_seqlen` there. With CUDA available the tensors are in pinned
 memory, so `to_device`'s non_blocking copies overlap compute.
 
@@ -185,7 +186,8 @@ class PackedLoader:
         out["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(seqs)]).astype(np.int32))
         out["real_tokens"] = torch.tensor(real)  # non-pad tokens per row
         out["num_tokens"] = torch.tensor(sum(real))
-        out["num_labels"] = (out["labels"] != IGNORE_INDEX).sum()
+        out["label_pos"] = (out["labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        out["num_labels"] = torch.tensor(len(out["label_pos"]))
         out["max_seqlen"] = torch.tensor(max(seqs))
         return {k: v.pin_memory() for k, v in out.items()} if self.pin_memory else out
 

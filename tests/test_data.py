@@ -368,7 +368,8 @@ def test_batch_counts_and_cu_seqlens_are_computed_on_the_cpu(cache, packing):
         cu = b["cu_seqlens"]
         assert cu.dtype == torch.int32 and torch.equal(cu, cu_seqlens_from_doc_ids(b["doc_ids"]))
         assert int(b["max_seqlen"]) == int(cu.diff().max()) and int(cu[-1]) == b["input_ids"].numel()
-        assert int(b["num_labels"]) == int((b["labels"] != IGNORE_INDEX).sum())
+        assert int(b["num_labels"]) == int((b["labels"] != IGNORE_INDEX).sum()) == len(b["label_pos"])
+        assert torch.equal(b["labels"].flatten()[b["label_pos"]], b["labels"][b["labels"] != IGNORE_INDEX])
         assert int(b["num_tokens"]) == int(b["real_tokens"].sum())
         assert not b["input_ids"].is_pinned()  # no CUDA here: pin_memory defaults to off
 
