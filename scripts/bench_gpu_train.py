@@ -77,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runners", nargs="+", default=["ours", "trainer"], choices=["ours", "trainer"])
     ap.add_argument("--attn_impls", nargs="+", default=None,
                     help="sft.py --attn_impl values to run ours with (default: varlen flex on CUDA, auto on CPU)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=8, help="steps excluded from timing (compilation, allocator)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=6, help="steps excluded from timing (compilation, allocator)")
     ap.add_argument("--seq", type=int, default=2048, help="ours: packed row length (also the truncation length)")
     ap.add_argument("--rows", type=int, default=8, help="ours: packed rows per step")
-    ap.add_argument("--trainer_steps", type=int, default=15)
-    ap.add_argument("--trainer_warmup", type=int, default=5)
+    ap.add_argument("--trainer_steps", type=int, default=12)
+    ap.add_argument("--trainer_warmup", type=int, default=4)
     ap.add_argument("--trainer_batches", type=int, nargs="+", default=[64, 32, 16],
                     help="per-device examples per micro-batch to try, largest first; the first that fits is kept")
     ap.add_argument("--big_seq", type=int, default=4096)
