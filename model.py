@@ -650,8 +650,9 @@ _VARLEN: list = []  # [(varlen_attn, its causal/GQA keyword arguments)] or [None
 
 
 def _varlen_fn():
-    """varlen_attn with the keywords this torch spells causal attention and GQA with: window_size=(-1, 0) and
-    enable_gqa=True (2.11+), is_causal=True (2.10, whose kernel takes fewer K/V heads as they are)."""
+    """varlen_attn with the keywords this torch spells causal attention and GQA with: window_size=(-1, 0)
+    (2.11+) and/or is_causal=True (2.10), enable_gqa=True where it exists (without it the FlashAttention kernel
+    takes fewer K/V heads as they are)."""
     if not _VARLEN:
         try:
             import inspect
@@ -661,9 +662,8 @@ def _varlen_fn():
             _VARLEN.append(None)
         else:
             params = inspect.signature(varlen_attn).parameters
-            kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-            if "enable_gqa" in params:
-                kw["enable_gqa"] = True
+            wanted = {"window_size": (-1, 0), "is_causal": True, "enable_gqa": True}
+            kw = {k: v for k, v in wanted.items() if k in params}
             _VARLEN.append((varlen_attn, kw))
     return _VARLEN[0]
 
