@@ -664,7 +664,8 @@ def _varlen_fn():
             params = inspect.signature(varlen_attn).parameters
             wanted = {"window_size": (-1, 0), "is_causal": True, "enable_gqa": True}
             kw = {k: v for k, v in wanted.items() if k in params}
-            _VARLEN.append((varlen_attn, kw))
+            causal = "window_size" in kw or "is_causal" in kw  # else this torch cannot mask causally: unavailable
+            _VARLEN.append((varlen_attn, kw) if causal else None)
     return _VARLEN[0]
 
 
