@@ -22,7 +22,7 @@ calls); model TFLOP/s = tokens/s x (6N full or 4N LoRA + attention 6 x layers x 
 E[len], the causal per-document attention matmuls forward and backward), N = all parameters, tied embeddings
 once; peak memory = torch.cuda.max_memory_allocated() of the run's process (CPU: peak RSS).
 
-Assets: the tokenizers (models/qwen2.5-0.5b, models/llama-2-7b) and data/gsm8k/train.jsonl come from ../shared
+Assets: the tokenizers (models/qwen2.5-0.5b, models/llama-2-7b) and data/gsm8k/train.jsonl come from ../shared ($MATHSFT_SHARED)
 or gpu_assets/ (same layout). sft.py needs tyro; a GPU box without it gets gpu_assets/pylib (tyro and its pure
 Python dependencies, staged by --stage_assets) on PYTHONPATH. Runs go to bench/runs/gpu/.
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 WORK = REPO / "bench" / "runs" / "gpu"
-ASSET_ROOTS = (REPO.parent / "shared", REPO / "gpu_assets")
+ASSET_ROOTS = (Path(os.environ.get("MATHSFT_SHARED", REPO.parent / "shared")), REPO / "gpu_assets")
 PYLIB = REPO / "gpu_assets" / "pylib"
 STAGED_PACKAGES = ("tyro", "docstring_parser", "typeguard")  # sft.py's CLI and what tyro imports beyond torch's deps
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
