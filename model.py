@@ -554,13 +554,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
 
 
 def head_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, autocast,
-                  ignore_index: int = -100) -> torch.Tensor:
+                  ignore_index: int = -100, label_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` over the positions whose label is not `ignore_index`, `chunk` rows
     at a time, so the [tokens, vocab] logits never exist at once: linear_cross_entropy for a plain bias-free
     Linear head (gradients computed in the forward), else checkpointed chunks through the module (a LoRA head).
-    `autocast` is the context the head runs under. Equals F.cross_entropy(head(hidden), labels, reduction="sum")."""
-    keep = labels != ignore_index
-    h, y = hidden[keep], labels[keep]
+    `autocast` is the context the head runs under. Equals F.cross_entropy(head(hidden), labels, reduction="sum").
+    `label_pos` (packing.py's, computed on the CPU): the flattened positions of those labels, which selects them
+    without the host sync of a boolean mask."""
+    if label_pos is None:
+        keep = labels != ignore_index
+        h, y = hidden[keep], labels[keep]
+    else:
+        h, y = hidden.reshape(-1, hidden.shape[-1])[label_pos], labels.reshape(-1)[label_pos]
     loss = hidden.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
     w = getattr(head, "weight", None)
     if type(head) is nn.Linear and head.bias is None and not hasattr(w, "device_mesh"):
