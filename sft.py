@@ -361,8 +361,10 @@ def train_step(run: Run, micro: list[dict]) -> dict:
     Returns device tensors; read_step turns them into numbers."""
     d, cfg = run.d, run.cfg
     stop = float(run.stop.raised) if run.stop else 0.0
-    sums = torch.tensor([0.0, float(sum(int(m["num_tokens"]) for m in micro)),
-                         float(sum(int(m["num_labels"]) for m in micro)), stop], device=d.device)
+    counts = torch.tensor([0.0, float(sum(int(m["num_tokens"]) for m in micro)),
+                           float(sum(int(m["num_labels"]) for m in micro)), stop])
+    # pinned + non_blocking: a plain host->device copy from pageable memory would wait for the GPU queue
+    sums = (counts.pin_memory() if d.device.type == "cuda" else counts).to(d.device, non_blocking=True)
     for i, m in enumerate(micro):
         if d.world > 1:  # reduce-scatter gradients on the last micro-batch only
             run.model.set_requires_gradient_sync(i == len(micro) - 1)
