@@ -2,9 +2,10 @@
 
     python evalmath.py --model PATH [--adapter PATH] --datasets gsm8k math math500 [--limit N] ...
     python evalmath.py --config configs/eval.yaml --model PATH --datasets gsm8k   # YAML defaults, flags win
+    python evalmath.py --model outputs/checkpoints/JOB --datasets gsm8k          # run folder: checkpoint-best
     torchrun --standalone --nproc_per_node 2 evalmath.py --model PATH ...        # data-parallel: same results
     python evalmath.py grade --input preds.jsonl --output verdicts.jsonl          # re-grade without a model
-    python evalmath.py report RUN [RUN ...] [--out docs/reports/compare.md]       # one table over runs
+    python evalmath.py report RUN [RUN ...] [--out outputs/reports/cmp.md]       # table + charts
     python evalmath.py review export RUN --out failures.csv                       # manual review
     python evalmath.py review import RUN --csv corrected.csv
 
@@ -17,7 +18,7 @@ Read top to bottom:
   4. decoding   - length-sorted batches through model.generate (KV-cached), stop strings, n samples
   5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
   6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
-  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + docs/reports/<run_id>.md
+  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
   8. CLI        - the plain form and the grade / report / review subcommands
 
 Model output is untrusted text: it is only matched with regexes and handed to grader.py (which never
@@ -32,19 +33,18 @@ import difflib
 import hashlib
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
 
+import cli
 import reports
+from cli import Bool, UserError, write_json
+from model import pick_dtype
 
 REPO = Path(__file__).resolve().parent
 RESULT_FORMAT = "mathsft-eval-v1"
@@ -211,35 +211,6 @@ def prompt_ids(protocol: Protocol, question: str, tokenizer, template=None) -> l
 
 # ----------------------------------------------------------------------------- 2. config
 
-def _parse_bool(args: list[str]) -> bool:
-    if not args:
-        return True
-    word = args[0].strip().lower()
-    if word in ("true", "1", "yes"):
-        return True
-    if word in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {args[0]!r}")
-
-
-def _bool_spec():
-    import tyro
-
-    return tyro.constructors.PrimitiveConstructorSpec(
-        nargs=(0, 1), metavar="[{true,false}]", instance_from_str=_parse_bool,
-        is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda b: [str(b).lower()])
-
-
-def _flex_bool():
-    """`--flag`, `--flag true`, `--flag false` (tyro nargs=(0, 1), notes/torch-native.md §7)."""
-    import tyro
-
-    return Annotated[tyro.conf.FlagConversionOff[bool], _bool_spec()]
-
-
-FlexBool = _flex_bool()
-
-
 @dataclass
 class EvalConfig:
     """Evaluate a model (base, full checkpoint or LoRA checkpoint) on GSM8K / MATH / MATH-500."""
@@ -262,55 +233,22 @@ class EvalConfig:
     seed: int = 0
     template: str | None = None  # data/prompts template; default: the one recorded in the checkpoint
     num_fewshot: int = 0  # > 0: the lm-eval few-shot protocols (gsm8k_cot 8-shot, minerva_math 4-shot)
-    cot: FlexBool = True  # false: answer directly, no chain of thought
+    cot: Bool = True  # false: answer directly, no chain of thought
     stop_strings: tuple[str, ...] = ()  # extra stop strings (besides the protocol's and the EOS tokens)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    merge_lora: FlexBool = True  # fold the adapter into the weights before decoding (faster, same outputs)
+    merge_lora: Bool = True  # fold the adapter into the weights before decoding (faster, same outputs)
     output_dir: str = "outputs/eval"
-    reports_dir: str = "docs/reports"
-    write_report: FlexBool = True
+    reports_dir: str = "outputs/reports"  # git-ignored; docs/reports holds the committed example reports
+    write_report: Bool = True
     run_name: str | None = None  # replaces the model name in the default run_id
     run_id: str | None = None  # default: <run_name or model>-<dataset>-<protocol>-<YYYYmmdd-HHMMSS>
-    quiet: FlexBool = False
-
-
-def _config_fields() -> dict[str, typing.Any]:
-    return typing.get_type_hints(EvalConfig, include_extras=True)
-
-
-def config_from_yaml(path: str | os.PathLike) -> EvalConfig:
-    """Defaults from a YAML file; unknown keys are errors with a did-you-mean."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --config {path}: file not found") from e
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: --config {path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise SystemExit(f"error: --config {path}: expected a mapping of option: value")
-    names = list(_config_fields())
-    for key in raw:
-        if key not in names:
-            near = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise SystemExit(f"error: {path}: unknown key '{key}'{hint}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return EvalConfig(**values)
+    quiet: Bool = False
 
 
 def parse_config(argv: list[str]) -> EvalConfig:
-    """--config YAML (optional) for defaults, then tyro flags (underscores) on top."""
-    import tyro
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    base = config_from_yaml(known.config) if known.config else EvalConfig()
-    return tyro.cli(EvalConfig, default=base, args=rest, use_underscores=True,
-                    console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    """--config YAML (repeatable) for defaults, then tyro flags (underscores) on top (cli.parse_config)."""
+    return cli.parse_config(EvalConfig, argv, prog="evalmath.py")[0]
 
 
 # ----------------------------------------------------------------------------- 3. loading
@@ -324,34 +262,31 @@ class ModelSource:
     tokenizer: Path
     template: str | None
     template_from: str | None  # the file the template name was read from
+    checkpoint: Path | None = None  # the checkpoint picked in a run folder (checkpoint-best, else latest)
+    fine_tuned_from: str | None = None  # a full checkpoint's base model, from its trainer_state.json
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """In an sft.py run folder: the checkpoint `checkpoint-best` links to, else the one `latest` names."""
+    best = folder / "checkpoint-best"
+    if best.is_dir():
+        return folder / os.readlink(best) if best.is_symlink() else best
+    latest = folder / "latest"
+    if latest.is_file() and (folder / latest.read_text().strip()).is_dir():
+        return folder / latest.read_text().strip()
+    return None
 
 
 def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"error: {flag} {p}: no such file or folder")
-    latest = p / "latest"  # an sft job folder: `latest` names its newest complete checkpoint
-    if latest.is_file() and (p / latest.read_text().strip()).is_dir():
-        p = p / latest.read_text().strip()
-    return p
+    return run_checkpoint(p) or p
 
 
 def _has_tokenizer(p: Path) -> bool:
     return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
                                            "tokenizer_config.json"))
-
-
-def _find_key(obj, key: str, depth: int = 0):
-    """First value of `key` in nested dicts (breadth first: top level wins)."""
-    if not isinstance(obj, dict) or depth > 3:
-        return None
-    if isinstance(obj.get(key), str):
-        return obj[key]
-    for v in obj.values():
-        found = _find_key(v, key, depth + 1)
-        if found is not None:
-            return found
-    return None
 
 
 def _read_json(p: Path) -> dict | None:
@@ -363,19 +298,19 @@ def _read_json(p: Path) -> dict | None:
 
 
 def find_template(folder: Path) -> tuple[str | None, str | None]:
-    """The prompt template sft.py recorded: the `template` field of the checkpoint's trainer_state.json
-    (or mathsft.json), else the `template` of the data cache meta.json its `data_cache_dir` points to."""
-    for p in (folder / "trainer_state.json", folder / "mathsft.json"):
-        meta = _read_json(p) if p.is_file() else None
-        if meta is None:
-            continue
-        if _find_key(meta, "template"):
-            return _find_key(meta, "template"), str(p)
-        cache = _find_key(meta, "data_cache_dir") or _find_key(meta, "cache_dir")
-        for m in ((Path(cache) / "meta.json", *Path(cache).glob("*/meta.json")) if cache else ()):
-            t = _find_key(_read_json(m) or {}, "template")
-            if t:
-                return t, str(m)
+    """(template, file it was read from): the `template` (or `config.template`) sft.py recorded in the checkpoint's
+    trainer_state.json, else that of the data cache its `data_cache_dir` names (a meta.json's `template` or
+    `settings.template`)."""
+    state = _read_json(folder / "trainer_state.json") or {}
+    t = state.get("template") or (state.get("config") or {}).get("template")
+    if isinstance(t, str):
+        return t, str(folder / "trainer_state.json")
+    cache = state.get("data_cache_dir")
+    for m in ((Path(cache) / "meta.json", *sorted(Path(cache).glob("*/meta.json"))) if cache else ()):
+        meta = _read_json(m) or {}
+        t = meta.get("template") if isinstance(meta.get("template"), str) else (meta.get("settings") or {}).get("template")
+        if isinstance(t, str):
+            return t, str(m)
     return None, None
 
 
@@ -384,6 +319,7 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     import lora
 
     path = _resolve_dir(model, "--model")
+    picked = path if path != Path(model) else None
     adapter_dir = _resolve_dir(adapter, "--adapter") if adapter else None
     if adapter_dir is None and (path / lora.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         adapter_dir = path
@@ -406,7 +342,49 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     meta_dir = adapter_dir or path
     template, template_from = find_template(meta_dir)
     tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
-    return ModelSource(base, adapter_dir, tok_dir, template, template_from)
+    state = (_read_json(path / "trainer_state.json") or {}) if adapter_dir is None else {}
+    origin = state.get("base_model_name_or_path") or (state.get("config") or {}).get("model_name_or_path")
+    origin = origin if isinstance(origin, str) else None
+    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked, origin)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """A checkpoint with a manifest.json (sft.py writes one last) is checked against it as resume does: every
+    file present with its size, and the sha256 (when the save recorded one: sft.py --checksum) of the files
+    evaluation reads (not the training state shards).
+    Read-only. A folder without a manifest (a model, an adapter, another trainer's checkpoint) passes."""
+    import checkpoint as ck
+
+    if not (folder / ck.MANIFEST).is_file():
+        return
+    reason = ck.verify(folder, check_hashes=False)
+    if reason is None:
+        files = json.loads((folder / ck.MANIFEST).read_text())["files"]
+        for rel, info in files.items():
+            if not rel.startswith("state-") and rel != "optimizer.bin" and "sha256" in info and \
+                    ck.sha256_file(folder / rel) != info["sha256"]:
+                reason = f"{rel}: sha256 does not match the manifest"
+                break
+    if reason is not None:
+        raise UserError(f"{folder}: damaged checkpoint: {reason}; evaluate another checkpoint of the run "
+                        f"(the checkpoint-* folders in {folder.parent}) or restore this one")
+
+
+def check_model_files(src: ModelSource) -> None:
+    """Pre-flight before loading: checkpoint manifests, the base model's config.json, its and the adapter's
+    safetensors headers. Raises an error naming the file, what was expected and the fix."""
+    import lora
+    import model as M
+
+    for folder in dict.fromkeys(d for d in (src.adapter, src.base) if d is not None):
+        verify_checkpoint(folder)
+    M.load_config(src.base)
+    M.check_weights(src.base)
+    if src.adapter is not None:
+        if not (src.adapter / lora.ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"{src.adapter}: no {lora.ADAPTER_WEIGHTS}; expected a LoRA adapter folder "
+                            "(adapter_config.json + adapter_model.safetensors)")
+        M.check_safetensors(src.adapter / lora.ADAPTER_WEIGHTS)
 
 
 def pick_device(device: str) -> torch.device:
@@ -417,25 +395,23 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise SystemExit(f"error: --dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    return table[dtype]
-
-
-def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True):
-    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`."""
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True, check: bool = True):
+    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`.
+    `check`: run check_model_files first (run() does it itself, before printing what it evaluates)."""
     from transformers import AutoTokenizer
 
     import lora
     from model import Transformer
 
+    if check:
+        check_model_files(src)
     model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
     if src.adapter is not None:
-        lora.load_adapter(model, src.adapter, dtype=dtype)
+        try:
+            lora.load_adapter(model, src.adapter, dtype=dtype)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--adapter {src.adapter} does not fit the base model {src.base}: {e}; pass the "
+                            "base it was trained on with --base_model PATH") from None
         if merge:
             lora.merge_lora(model)
     tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
@@ -600,6 +576,45 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
     return items, reports.summarize(items)
 
 
+def accuracy_during_training(model, records_file: Path, limit: int, tokenizer_path: str, template: str,
+                             max_new_tokens: int, autocast=None, should_abort=None, batch_size: int = 16) -> dict:
+    """sft.py's in-training accuracy: greedy-decode the first `limit` problems of `records_file` (a data cache's
+    records/valid.jsonl) with the training model, `batch_size` problems per rank at a time; `should_abort()`
+    (called between batches, on every rank) ends it early. Under FSDP2 every rank first gathers the full weights
+    (unshard), so ranks can run different numbers of forwards; they are resharded afterwards.
+    Returns {"eval_accuracy": float}, or {} when there is nothing to decode or it was aborted."""
+    import contextlib
+
+    import data
+
+    if not Path(records_file).is_file():
+        return {}
+    lines = Path(records_file).read_text().splitlines()
+    records = [r for r in (json.loads(ln) for ln in lines if ln.strip())][:limit]
+    records = [r for r in records if r.get("answer")]
+    if not records:
+        return {}
+    tokenizer = data.load_tokenizer(tokenizer_path)
+    fsdp_mods = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in fsdp_mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    dataset, chunk, correct = guess_grader_dataset(records), batch_size * _dist_info()[1], 0
+    try:
+        with autocast or contextlib.nullcontext():
+            for i in range(0, len(records), chunk):
+                if should_abort is not None and should_abort():
+                    return {}
+                items, _ = evaluate_records(model, tokenizer, records[i:i + chunk], template=template, dataset=dataset,
+                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
+                correct += sum(bool(it["correct"]) for it in items)
+    finally:
+        for m in fsdp_mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+    return {"eval_accuracy": correct / len(records)}
+
+
 # ----------------------------------------------------------------------------- 7. runs
 
 def load_eval_records(name: str, cfg: EvalConfig) -> list[dict]:
@@ -645,22 +660,6 @@ def data_hash(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "result_format": RESULT_FORMAT}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["git_commit"] = commit + ("+dirty" if dirty else "") if commit else None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
 def make_run_id(model: str, dataset: str, protocol: Protocol, stamp: str, run_name: str | None = None) -> str:
     """<run_name or model>-<dataset>-<protocol without its dataset prefix>-<YYYYmmdd-HHMMSS>, filename-safe."""
     p = Path(model)
@@ -700,17 +699,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
     stamp = extra.pop("stamp")
-    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp, cfg.run_name)
+    run_id = cfg.run_id or make_run_id(str(src.checkpoint or cfg.model), name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
                                                  "prompt_lookup")}
-    config = {"model": cfg.model, "adapter": str(src.adapter) if src.adapter else None,
+    config = {"model": cfg.model, "checkpoint": str(src.checkpoint) if src.checkpoint else None,
+              "fine_tuned_from": src.fine_tuned_from,
+              "adapter": str(src.adapter) if src.adapter else None,
               "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
               "n_problems": len(records), "data_hash": data_hash(records),
               "protocol": protocol.to_dict() | {"template_from": src.template_from if protocol.template else None},
-              "decoding": decoding | extra.pop("decoding"), "seed": cfg.seed, "versions": versions(),
+              "decoding": decoding | extra.pop("decoding"), "seed": cfg.seed, "versions": cli.versions() | {"result_format": RESULT_FORMAT},
               "args": dataclasses.asdict(cfg)}
     return {"format": RESULT_FORMAT, "run_id": run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "config": config, "summary": summary, **extra, "items": items}
@@ -722,10 +723,19 @@ def run(cfg: EvalConfig) -> list[Path]:
 
     check_config(cfg)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    try:
+        dtype = pick_dtype(cfg.dtype, device.type)
+    except ValueError as e:
+        raise cli.UserError(f"error: --{e}") from None
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    check_model_files(src)
+    if src.checkpoint is not None:
+        say(f"evalmath: {cfg.model} is a run folder: evaluating {src.checkpoint.name} "
+            f"({'checkpoint-best' if (Path(cfg.model) / 'checkpoint-best').is_dir() else 'latest'})")
+    say(f"evalmath: base model {src.base}" + (f", adapter {src.adapter}" if src.adapter else "")
+        + (f" (fine-tuned from {src.fine_tuned_from})" if src.fine_tuned_from else ""))
     template = None
     if cfg.num_fewshot == 0:
         name = cfg.template or src.template
@@ -736,7 +746,7 @@ def run(cfg: EvalConfig) -> list[Path]:
             template = data.load_template(name)
         except data.DataError as e:
             raise SystemExit(f"error: --template: {e}") from e
-    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora)
+    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
     eos = eos_token_ids(tokenizer, model.generation_config)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []
@@ -760,7 +770,7 @@ def run(cfg: EvalConfig) -> list[Path]:
                               "merge_lora": cfg.merge_lora, "world_size": world}}
         result = build_result(cfg, src, name, protocol, records, items, summary, extra)
         path = Path(cfg.output_dir) / name / f"{result['run_id']}.json"
-        reports.write_json_atomic(result, path)
+        write_json(path, result)
         written.append(path)
         md = reports.write_report(result, cfg.reports_dir) if cfg.write_report else None
         say(f"  {name}: accuracy {100 * summary['accuracy']:.2f} ± {100 * summary['stderr']:.2f} "
@@ -804,13 +814,19 @@ def cmd_grade(argv: list[str]) -> None:
 
 def cmd_report(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py report", description="Report one run or compare several.")
-    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir)")
+    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir); an sft.py "
+                    "run folder gets its training report (loss, learning rate, validation charts)")
     ap.add_argument("--eval_dir", default="outputs/eval")
-    ap.add_argument("--reports_dir", default="docs/reports")
+    ap.add_argument("--reports_dir", default="outputs/reports")
     ap.add_argument("--out", default=None, help="markdown path of the comparison (default: reports_dir/compare-*.md)")
     ap.add_argument("--manual", action="store_true", help="use summary_manual where a run has one")
     a = ap.parse_args(argv)
-    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs]
+    folders = [r for r in a.runs if (Path(r) / "metrics.jsonl").is_file()]
+    for job in folders:
+        print(f"wrote {reports.write_run_report(job, a.reports_dir)}")
+    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs if r not in folders]
+    if not results:
+        return
     if len(results) == 1 and a.out is None:
         print(f"wrote {reports.write_report(results[0], a.reports_dir)}")
         return
@@ -834,7 +850,7 @@ def cmd_review(argv: list[str]) -> None:
     im.add_argument("--csv", required=True)
     for p in (ex, im):
         p.add_argument("--eval_dir", default="outputs/eval")
-        p.add_argument("--reports_dir", default="docs/reports")
+        p.add_argument("--reports_dir", default="outputs/reports")
     a = ap.parse_args(argv)
     result, path = reports.load_result(a.run, a.eval_dir)
     if a.action == "export":
@@ -843,7 +859,7 @@ def cmd_review(argv: list[str]) -> None:
               f"`python evalmath.py review import {path} --csv {a.out}`")
         return
     n = reports.import_verdicts(result, a.csv)
-    reports.write_json_atomic(result, path)
+    write_json(path, result)
     md = reports.write_report(result, a.reports_dir)
     sm = result["summary_manual"]
     print(f"imported {n} verdicts into {path}: accuracy {100 * result['summary']['accuracy']:.2f} (auto) -> "
@@ -862,4 +878,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    import data
+    import model
+
+    cli.run_main(main, user_errors=(data.DataError, model.ModelFileError))

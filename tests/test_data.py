@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from cli import UserError
 from data import IGNORE_INDEX, DataError
 from packing import PackedLoader
 
@@ -255,7 +256,7 @@ def test_chat_template_needs_one(shared):
 def test_config_yaml_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("datasets: [math]\nmax_seq_len: 10\n")
-    with pytest.raises(DataError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
+    with pytest.raises(UserError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
         data.parse_config(["--config", str(cfg)])
     cfg.write_text("datasets: [math]\nmax_seq_length: 1024\ntemplate: tulu\n")
     c = data.parse_config(["--config", str(cfg), "--template", "plain", "--ratios", "1", "2"])
@@ -342,7 +343,8 @@ def test_rows_never_mix_documents(cache):
     meta = json.loads((cache / "meta.json").read_text())
     n_trained = 0
     for b in loader:
-        assert b["input_ids"].shape == (2, 1024) and all(v.dtype == torch.long for v in b.values())
+        assert b["input_ids"].shape == (2, 1024) and all(v.dtype == torch.long for k, v in b.items()
+                                                         if k != "cu_seqlens")
         ids, lab, pos, doc = b["input_ids"], b["labels"], b["position_ids"], b["doc_ids"]
         on = lab != IGNORE_INDEX
         n_trained += int(on.sum())
@@ -355,6 +357,37 @@ def test_rows_never_mix_documents(cache):
         assert torch.equal(pos == 0, starts)  # positions restart exactly at each document
     assert n_trained == meta["num_trained_tokens"]  # every completion token, EOS included, once
     assert loader.epoch == 1 and loader.step == 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_counts_and_cu_seqlens_are_computed_on_the_cpu(cache, packing):
+    """cu_seqlens / max_seqlen / num_tokens / num_labels equal what the device would compute from the batch."""
+    from model import cu_seqlens_from_doc_ids
+
+    loader = PackedLoader(cache, seq_len=1024, batch_size=3, seed=1, packing=packing, drop_last=False)
+    for b in loader:
+        cu = b["cu_seqlens"]
+        assert cu.dtype == torch.int32 and torch.equal(cu, cu_seqlens_from_doc_ids(b["doc_ids"]))
+        assert int(b["max_seqlen"]) == int(cu.diff().max()) and int(cu[-1]) == b["input_ids"].numel()
+        assert int(b["num_labels"]) == int((b["labels"] != IGNORE_INDEX).sum()) == len(b["label_pos"])
+        assert torch.equal(b["labels"].flatten()[b["label_pos"]], b["labels"][b["labels"] != IGNORE_INDEX])
+        assert int(b["num_tokens"]) == int(b["real_tokens"].sum())
+        assert not b["input_ids"].is_pinned()  # no CUDA here: pin_memory defaults to off
+
+
+def test_iter_on_device_yields_the_same_batches_and_keeps_the_cursor_exact(cache):
+    """iter_on builds the next batch ahead, but state_dict() after k batches is __iter__'s after k batches."""
+    from packing import HOST_KEYS
+
+    a = PackedLoader(cache, seq_len=1024, batch_size=2, seed=5)
+    b = PackedLoader(cache, seq_len=1024, batch_size=2, seed=5)
+    plain, ahead = iter(a), b.iter_on("cpu")
+    for _ in range(3):
+        x, y = next(plain), next(ahead)
+        assert a.state_dict() == b.state_dict()
+        assert isinstance(y["max_seqlen"], int) and all(y[k].device.type == "cpu" for k in HOST_KEYS[:-1])
+        assert all(torch.equal(x[k], y[k]) for k in x if k != "max_seqlen") and y["max_seqlen"] == int(x["max_seqlen"])
+    assert sum(1 for _ in ahead) == a.steps_in_epoch(0) - 3 and b.epoch == 1 and b.step == 0
 
 
 def test_resume_yields_exactly_the_remaining_batches(cache):
@@ -377,7 +410,7 @@ def test_resume_yields_exactly_the_remaining_batches(cache):
 
 def test_ranks_disjoint_equal_steps(cache):
     loaders = [PackedLoader(cache, 1024, 2, rank=r, world_size=2, seed=0) for r in range(2)]
-    assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch > 0
+    assert loaders[0].steps_in_epoch(0) == loaders[1].steps_in_epoch(0) > 0
     seen = [[d for b in ld for d in _docs_of(b)] for ld in loaders]
     assert len(seen[0]) == len(set(seen[0])) and not set(seen[0]) & set(seen[1])
     single = [d for b in PackedLoader(cache, 1024, 4, seed=0) for d in _docs_of(b)]
@@ -417,9 +450,44 @@ def test_unpacked_mode_and_efficiency(cache):
     assert 0.9 < packed.efficiency <= 1.0
     plain = PackedLoader(cache, 1024, 3, packing=False, drop_last=False)
     meta = json.loads((cache / "meta.json").read_text())
-    assert plain.steps_per_epoch == -(-meta["num_docs"] // 3)  # counts examples like HF
+    assert plain.steps_in_epoch(0) == -(-meta["num_docs"] // 3)  # counts examples like HF
     batches = list(plain)
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) == meta["num_trained_tokens"]
     assert all(b["input_ids"].shape[1] <= 1024 for b in batches) and 0 < plain.efficiency <= 1
     with pytest.raises(DataError, match="seq_len"):
         PackedLoader(cache, 64, 2)
+
+
+def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_path, capsys, monkeypatch):
+    """prepare prints tokenization progress (rows done / total, elapsed) and one summary line with the bad rows
+    skipped and the examples truncated; the counts are in the split's meta.json too (sft.py logs them)."""
+    lines = (shared / "data" / "gsm8k" / "train.jsonl").read_bytes().splitlines(True)[:60]
+    lines[7] = b'{"question": "caf\xe9", "answer": "#### 1"}\n'  # not UTF-8
+    lines[20] = b'{"question": "no answer"}\n'
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b"".join(lines))
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 16)
+    path = data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
+                        out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    err = capsys.readouterr().err.splitlines()
+    progress = [e for e in err if e.startswith("data: tokenizing train: ")]
+    assert [p.split(": ")[2].split(" rows")[0] for p in progress][-1] == "58/58"
+    assert progress[0].startswith("data: tokenizing train: 16/58 rows (")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["skipped_rows"] == 2 and meta["truncated"] > 0
+    assert err[-1] == (f"data: 58 train, 0 valid, 0 test, 2 bad rows skipped, {meta['truncated']} train examples "
+                       "truncated (longer than --max_seq_length) (details: report.md in the data cache)")
+    data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
+                 out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    assert capsys.readouterr().err.splitlines() == [f"data: reusing the cache {path.parent}", err[-1]]
+
+
+def test_non_utf8_row_names_file_line_and_byte_offset(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    first = b'{"question": "q", "answer": "1"}\n'
+    f.write_bytes(first + b'{"question": "\xff\xfe", "answer": "2"}\n')
+    with pytest.raises(DataError, match=rf"rows\.jsonl:2: not UTF-8 text at byte offset {len(first) + 14} "):
+        data.load_records(str(f), "train", tmp_path)
+    problems: list = []
+    assert len(data.load_records(str(f), "train", tmp_path, skip_bad_rows=True, problems=problems)) == 1
+    assert problems[0]["where"].endswith("rows.jsonl:2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -18,6 +19,9 @@ from safetensors.torch import load_file
 
 import checkpoint as ck
 import sft
+from cli import UserError
+
+ERR = (SystemExit, UserError)  # tyro's own errors exit; ours raise UserError (one line via cli.run_main)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -47,11 +51,13 @@ def base_args(work: Path, job: str, *extra: str) -> list[str]:
             "--learning_rate", "3e-3", "--warmup_steps", "0", *extra]
 
 
-def run_sft(args: list[str], env_extra: dict | None = None, check: bool = True, nproc: int = 0):
-    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"}
-    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+def run_sft(args: list[str], kill_at: str | None = None, check: bool = True, nproc: int = 0):
+    """`python sft.py ARGS` (or torchrun with `nproc` processes); `kill_at` (STEP or STEP:during_save) runs it
+    through tests/kill_at.py, which SIGKILLs the process at that point."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [str(REPO / "tests" / "kill_at.py"), kill_at] if kill_at else [str(REPO / "sft.py")]
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
-           else [PY]) + [str(REPO / "sft.py"), *args]
+           else [PY]) + [*script, *args]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"sft.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -94,6 +100,45 @@ def test_yaml_defaults_flags_override_and_bool_forms(tmp_path):
     assert cfg.learning_rate == 5e-4
 
 
+def test_help_lists_every_flag_with_help_text():
+    """`python sft.py --help` names every Config field as a flag, each with its help text (the field's comment)."""
+    import dataclasses
+
+    p = subprocess.run([PY, str(REPO / "sft.py"), "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    entries: dict[str, str] = {}  # flag -> its help text (tyro wraps it onto the following lines)
+    flag = None
+    for line in p.stdout.splitlines():
+        text = line.strip("│ ╭╮╰╯─")
+        m = re.match(r"(--\w+)(?: \S+)?\s*(.*)", text)
+        if m:
+            flag = m.group(1)
+            entries[flag] = m.group(2)
+        elif flag:
+            entries[flag] += " " + text
+    for f in dataclasses.fields(sft.Config):
+        assert f"--{f.name}" in entries, f"--{f.name} missing from --help"
+        words = re.sub(r"\(default: [^)]*\)", "", entries[f"--{f.name}"])
+        assert re.search(r"[a-z]{3,}", words), f"--{f.name} has no help text: {entries[f'--{f.name}']!r}"
+
+
+def test_moved_modules_import_without_a_process_group():
+    """The modules sft.py uses import, and their functions that need no collective run, without
+    torch.distributed initialised (and cli.py without importing tyro or torch)."""
+    code = ("import sys, torch.distributed as dist\n"
+            "import cli\nassert 'tyro' not in sys.modules\n"
+            "import checkpoint, less, runlog, dryrun, evalmath, packing, model, maketiny, sft\n"
+            "assert not dist.is_initialized()\n"
+            "assert checkpoint.broadcast_object(3) == 3 and checkpoint.all_gather_object(4) == [4]\n"
+            "checkpoint.barrier()\nprint('ok')\n")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+    p = subprocess.run([PY, "-c", "import sys, cli; assert 'torch' not in sys.modules; print('ok')"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.stdout.strip() == "ok", p.stderr
+
+
 def test_less_flag_string_parses_verbatim(work):
     script = REPO / "scripts" / "train" / "base_training_args.sh"
     out = subprocess.run(["bash", "-c", f'source "{script}"; echo "$header"; echo "$base_training_args"'],
@@ -119,10 +164,10 @@ def test_less_flag_string_parses_verbatim(work):
         assert flag in ignored
     # a repeated flag: the last one wins
     assert sft.parse_args(argv + ["--lora", "False"])[0].use_lora is False
-    with pytest.raises(SystemExit, match="did you mean --learning_rate"):
+    with pytest.raises(ERR, match="did you mean --learning_rate"):
         sft.parse_args(argv + ["--learning_rat", "1"])
     # LESS reads adapters without embedding/lm_head/norm weights: modules_to_save is refused there
-    with pytest.raises(SystemExit, match="--lora_modules_to_save is not available in LESS mode"):
+    with pytest.raises(ERR, match="--lora_modules_to_save is not available in LESS mode"):
         sft.check_config(sft.parse_args(argv + ["--lora_modules_to_save", "embed_tokens"])[0])
 
 
@@ -132,37 +177,35 @@ def test_clear_errors(work, shared, tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err  # tyro's did-you-mean
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rank: 8\n")
-    with pytest.raises(SystemExit, match=r"bad.yaml: unknown key 'lora_rank'; did you mean 'lora_r'"):
+    with pytest.raises(ERR, match=r"bad.yaml: unknown key 'lora_rank'; did you mean 'lora_r'"):
         sft.parse_args(["--config", str(bad)])
-    with pytest.raises(SystemExit, match="no such folder. Download the model beforehand"):
+    with pytest.raises(ERR, match="no such folder. Download the model beforehand"):
         sft.main(["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no weights in"):  # a config-only folder is enough for --dry_run only
+    with pytest.raises(ERR, match="no weights in"):  # a config-only folder is enough for --dry_run only
         sft.main(base_args(work, "noweights", "--model_name_or_path", str(shared / "models" / "qwen2.5-0.5b")))
     cfg, _ = sft.parse_args(["--use_lora", "false", "--lora_r", "64"])
     assert any("--lora_r" in w for w in sft.check_config(cfg))
-    with pytest.raises(SystemExit, match="--max_steps"):
+    with pytest.raises(ERR, match="--max_steps"):
         sft.check_config(sft.parse_args(["--num_train_epochs", "0"])[0])
     job = tmp_path / "out" / "j"
-    job.mkdir(parents=True)
+    (job / "checkpoint-000001").mkdir(parents=True)
     (job / "config.json").write_text("{}")
     args = base_args(work, "j", "--max_steps", "1")
     args[args.index("--output_dir") + 1] = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match="already holds a run.*--resume_from_checkpoint auto"):
+    with pytest.raises(ERR, match="already holds a run.*--resume_from_checkpoint auto"):
         sft.main(args)
+    assert sorted(p.name for p in job.iterdir()) == ["checkpoint-000001", "config.json"]  # untouched, unlocked
 
 
-def test_overwrite_output_dir_starts_a_fresh_run_folder(tmp_path, monkeypatch):
+def test_overwrite_output_dir_starts_a_fresh_run_folder(tmp_path):
     job = tmp_path / "j"
     (job / "checkpoint-000001").mkdir(parents=True)
     for name in ("config.json", "metrics.jsonl", "train.log"):
         (job / name).write_text("old run\n")
-    cfg, _ = sft.parse_args(["--overwrite_output_dir", "true"])
-    monkeypatch.setenv("MATHSFT_LOG_TEED", "1")  # a LESS-style wrapper is tee-ing into train.log: keep it
-    sft.prepare_job_dir(cfg, job)
+    ck.clear_run_folder(job, keep_train_log=True)  # --log_file false: a wrapper is tee-ing into train.log
     assert sorted(p.name for p in job.iterdir()) == ["train.log"]
-    monkeypatch.delenv("MATHSFT_LOG_TEED")
     (job / "config.json").write_text("{}")
-    sft.prepare_job_dir(cfg, job)
+    ck.clear_run_folder(job)
     assert list(job.iterdir()) == []
 
 
@@ -180,11 +223,11 @@ def test_dry_run_from_config_only_folders(shared, capsys):
 
 def _train_in_process(work: Path, job: str, *extra: str):
     cfg, notes = sft.parse_args(base_args(work, job, "--eval_steps", "1000", *extra))
-    sft.seed_everything(cfg.seed)
+    ck.seed_everything(cfg.seed)
     run = sft.setup(cfg, sft.init_distributed(), notes)
     before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     run.initial_eval = sft.evaluate(run)  # validation loss of the untrained model (fixed batches)
-    sft.train_loop(run)
+    sft.train(run)
     return run, before
 
 
@@ -221,7 +264,7 @@ def test_loraplus_lr_ratio_scales_the_b_matrices_steps(work):
     groups = {g.get("lr_ratio", 1.0): g for g in run.optim.param_groups}
     assert groups[8.0]["lr"] == pytest.approx(8 * lr) and groups[1.0]["lr"] == pytest.approx(lr)
     names = {id(p): n for n, p in run.model.named_parameters()}
-    assert {names[id(p)] for p in groups[8.0]["params"]} == {n for n, _ in sft.trainable(run.model) if ".lora_B" in n}
+    assert {names[id(p)] for p in groups[8.0]["params"]} == {n for n, _ in run.named if ".lora_B" in n}
     after = run.model.state_dict()
     b = [k for k in after if ".lora_B." in k]
     assert max((after[k] - before[k]).abs().max().item() for k in b) == pytest.approx(8 * lr, rel=1e-3)
@@ -264,9 +307,9 @@ def test_lora_modules_to_save_resume_is_exact(work):
     come back, so losses and final state equal the uninterrupted run's."""
     out = work / "out"
     ref = base_args(work, "mts_ref", "--max_steps", "4", "--save_steps", "2", "--lora_dropout", "0.1", *MTS_ARGS)
-    run_sft(ref)
+    sft.main(ref)
     kill = with_job(ref, "mts_kill")
-    assert run_sft(kill, {"MATHSFT_TEST_KILL_AT": "3"}, check=False).returncode == -signal.SIGKILL
+    assert run_sft(kill, kill_at="3", check=False).returncode == -signal.SIGKILL
     p = run_sft(kill + ["--resume_from_checkpoint", "auto"])
     assert "checkpoint-000002 at step 2" in p.stdout
     assert losses(out / "mts_kill") == losses(out / "mts_ref") and len(losses(out / "mts_ref")) == 4
@@ -314,7 +357,7 @@ def with_job(args: list[str], job: str) -> list[str]:
 def reference(work) -> list[str]:
     """An uninterrupted 8-step LoRA run (dropout on, so the RNG state matters) to compare resumes with."""
     args = base_args(work, "ref", "--max_steps", "8", "--save_steps", "3", "--lora_r", "4", "--lora_dropout", "0.1")
-    run_sft(args)
+    sft.main(args)  # in this process: the same computation as `python sft.py` (one thread), without a start-up
     return args
 
 
@@ -322,10 +365,10 @@ def test_exact_resume_after_sigkill_and_kill_during_save(work, reference):
     """Killed while writing checkpoint 6 (that folder is skipped: resume from 3), then killed right after
     step 7 (resume from 6): the losses and final weights and optimizer state equal the uninterrupted run."""
     out, args = work / "out", with_job(reference, "kill")
-    p = run_sft(args, {"MATHSFT_TEST_KILL_AT": "6:during_save"}, check=False)
+    p = run_sft(args, kill_at="6:during_save", check=False)
     assert p.returncode == -signal.SIGKILL
     assert (out / "kill" / ".tmp-checkpoint-000006").is_dir() and not (out / "kill" / "checkpoint-000006").exists()
-    p = run_sft(args + ["--resume_from_checkpoint", "auto"], {"MATHSFT_TEST_KILL_AT": "7"}, check=False)
+    p = run_sft(args + ["--resume_from_checkpoint", "auto"], kill_at="7", check=False)
     assert p.returncode == -signal.SIGKILL
     assert "skipping .tmp-checkpoint-000006" in p.stdout and "resumed from" in p.stdout
     assert "checkpoint-000003 at step 3" in p.stdout
@@ -341,7 +384,7 @@ def test_exact_resume_after_sigkill_and_kill_during_save(work, reference):
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_exactly(work, reference):
     args = with_job(reference, "term")
-    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"} | {"OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([PY, str(REPO / "sft.py"), *args, "--max_steps", "400"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = work / "out" / "term" / "metrics.jsonl"
@@ -357,9 +400,8 @@ def test_sigterm_saves_and_resume_continues_exactly(work, reference):
     # continue the same 400-step schedule for a few steps (the kill hook ends both runs at stopped + 3,
     # after checkpoint stopped + 2) and compare with an uninterrupted run of that schedule
     more = ["--max_steps", "400", "--save_steps", str(stopped + 2)]
-    kill = {"MATHSFT_TEST_KILL_AT": str(stopped + 3)}
-    run_sft(args + more + ["--resume_from_checkpoint", "auto"], kill, check=False)
-    run_sft(with_job(reference, "term_ref") + more, kill, check=False)
+    run_sft(args + more + ["--resume_from_checkpoint", "auto"], kill_at=str(stopped + 3), check=False)
+    run_sft(with_job(reference, "term_ref") + more, kill_at=str(stopped + 3), check=False)
     a, b = losses(work / "out" / "term"), losses(work / "out" / "term_ref")
     assert a == b
     name = ck.checkpoint_name(stopped + 2)
@@ -415,7 +457,7 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
     results = []
     for chunk in (0, 7, 100000):
         run.cfg.loss_chunk_tokens = chunk
-        loss, _ = sft.forward_loss_sum(run, batch)
+        loss = sft.loss_sum(run, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named}))
         run.optim.zero_grad(set_to_none=True)
@@ -425,10 +467,38 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
             torch.testing.assert_close(results[0][1][n], other[1][n], rtol=1e-4, atol=1e-5)
 
 
+def test_fused_adamw_skips_a_non_finite_step_on_the_device(work):
+    """The CUDA path (fused AdamW, found_inf set from the device-side ok flag, no host read) on CPU: a step
+    with a non-finite loss leaves weights and optimizer state bitwise alone, the next finite step updates."""
+    import packing
+
+    cfg, notes = sft.parse_args(base_args(work, "fused", "--max_steps", "2"))
+    run = sft.setup(cfg, sft.init_distributed(), notes)
+    run.optim = torch.optim.AdamW([p for _, p in run.named], lr=1e-2, fused=True)
+    run.sched = lambda step: 1e-2  # no warm-up: every good step moves the weights
+    micro = [packing.to_device(run.data.train.batch(0, 0), "cpu")]
+    sft.train_step(run, micro)
+    before = {n: p.detach().clone() for n, p in run.named}
+    moments = {id(p): {k: v.clone() for k, v in run.optim.state[p].items()} for _, p in run.named}
+    name, p0 = run.named[0]
+    keep = p0.detach().clone()
+    with torch.no_grad():
+        p0.fill_(float("inf"))
+    bad = sft.read_step(sft.train_step(run, micro))
+    assert not bad["ok"] and torch.isinf(p0).all()
+    with torch.no_grad():
+        p0.copy_(keep)
+    before[name] = keep
+    assert all(torch.equal(p, before[n]) for n, p in run.named)
+    assert all(torch.equal(run.optim.state[p][k], moments[id(p)][k]) for _, p in run.named for k in moments[id(p)])
+    good = sft.read_step(sft.train_step(run, micro))
+    assert good["ok"] and not torch.equal(run.named[0][1], before[name])
+
+
 def test_non_finite_steps_are_skipped_then_abort(work):
     """lr 1e30 blows the weights up after step 1: later losses are NaN, their updates are skipped, and
     --max_bad_steps in a row stop the run with a clear error; the checkpoints hold finite weights."""
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+    with pytest.raises(UserError, match="3 non-finite steps in a row"):
         _train_in_process(work, "nan", "--max_steps", "10", "--save_steps", "2", "--learning_rate", "1e30",
                           "--lora_r", "4", "--max_bad_steps", "3", "--max_grad_norm", "0")
     job = work / "out" / "nan"
@@ -436,16 +506,6 @@ def test_non_finite_steps_are_skipped_then_abort(work):
     assert "update skipped (1 in a row" in log and "update skipped (3 in a row" in log
     path, _ = ck.find_resumable(job)
     assert path is not None and all(torch.isfinite(v).all() for v in state(path).values())
-
-
-def test_loss_spike_rolls_back_and_scales_lr(work):
-    """A spike factor of 1.0 over a window of 2 calls almost every step a spike: the run rolls back to its
-    newest checkpoint with the lr halved, at most --max_backoffs times, then stops with an error."""
-    with pytest.raises(SystemExit, match="after 2 back-offs"):
-        _train_in_process(work, "spike", "--max_steps", "30", "--save_steps", "2", "--lora_r", "4",
-                          "--spike_factor", "1.0", "--spike_window", "2", "--max_backoffs", "2")
-    log = (work / "out" / "spike" / "train.log").read_text()
-    assert "lr scaled to 0.5 x peak (back-off 1/2)" in log and "lr scaled to 0.25 x peak (back-off 2/2)" in log
 
 
 def test_early_stopping_and_best_on_accuracy(work):
@@ -462,8 +522,7 @@ def test_early_stopping_and_best_on_accuracy(work):
 
 @pytest.mark.slow
 def test_less_lora_train_script_end_to_end(work):
-    env = {k: v for k, v in os.environ.items() if k != "MATHSFT_TEST_KILL_AT"}
-    env |= {"OUTPUT_ROOT": str(work / "out"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUTPUT_ROOT": str(work / "out"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(["bash", str(REPO / "scripts" / "train" / "lora_train.sh"), str(work / "tulu.jsonl"),
                         str(work / "tiny"), "less-script", "--num_train_epochs", "1", "--gradient_accumulation_steps",
                         "16", "--lora_r", "4", "--max_seq_length", "512", "--report_to", "none", "--data_cache_dir",
@@ -476,13 +535,206 @@ def test_less_lora_train_script_end_to_end(work):
     assert {"adapter_model.safetensors", "optimizer.bin", "tokenizer.json"} <= {x.name for x in (job / "checkpoint-3").iterdir()}
 
 
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work, capsys):
+    """Two sft.py on one run folder: the second (`--resume_from_checkpoint auto`, `--overwrite_output_dir`) stops
+    with one line naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead
+    process is reported and taken over."""
+    args = base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    job = work / "out" / "locked"
+    try:
+        for line in first.stdout:
+            if "step 1/400" in line:
+                break
+        for extra in (["--resume_from_checkpoint", "auto"], ["--overwrite_output_dir", "true"]):
+            line = _one_line_error(args + extra, capsys)
+            assert f"in use by pid {first.pid}" in line, line
+        assert (job / "metrics.jsonl").is_file() and (job / ck.LOCK).is_file()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0 and "stopping on a signal" in out, out[-2000:]
+    steps = [s for s, _ in losses(job)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved records
+    assert not (job / ck.LOCK).exists()
+    # a lock from a process that no longer runs (pid of a finished child) is reported and taken over
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (job / ck.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "1"])
+    log = (job / "train.log").read_text()
+    assert "removed a stale lock" in log and f"pid {int(dead.stdout)}" in log
+
+
+def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
+    """`auto` when no checkpoint is complete: the damaged folders, `latest` and the old metrics.jsonl move into
+    a named damaged-* folder (nothing overwritten or deleted), and the new run starts a new metrics file."""
+    args = base_args(work, "alldamaged", "--max_steps", "2", "--save_steps", "1", "--lora_r", "4",
+                     "--save_total_limit", "0")
+    sft.main(args)
+    job = work / "out" / "alldamaged"
+    for _, path in ck.list_checkpoints(job):
+        (path / "trainer_state.json").write_text("{}")  # damaged: size differs from the manifest
+    old_metrics = (job / "metrics.jsonl").read_text()
+    sft.main(args + ["--resume_from_checkpoint", "auto"])
+    aside = list(job.glob("damaged-*"))
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-best",
+                                                          "latest", "metrics.jsonl"]
+    assert (aside[0] / "metrics.jsonl").read_text() == old_metrics
+    assert (aside[0] / "checkpoint-000001" / "trainer_state.json").read_text() == "{}"
+    assert [s for s, _ in losses(job)] == [1, 2] and ck.verify(job / "checkpoint-000002") is None
+    log = (job / "train.log").read_text()
+    assert f"into {aside[0]}" in log
+    assert "data: " in log and "bad rows skipped" in log  # the data counts reach train.log, not only report.md
+    # resumed with another --max_steps: the run says that the schedule was recomputed
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "3"])
+    assert "the schedule was recomputed: 3 total steps now" in (job / "train.log").read_text()
+    assert [s for s, _ in losses(job)] == [1, 2, 3]
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    """Run sft.py's main through cli.run_main (as `python sft.py` does): the exit status is 2 and stderr holds
+    exactly one line, no traceback. Returns that line."""
+    import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(sft.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_user_mistakes_end_in_one_line_and_write_nothing(work, tmp_path, capsys):
+    """Bad flags, a config.json that is not JSON, an unsupported architecture or RoPE type, a truncated or
+    random-bytes model.safetensors: one line naming the flag or file, exit status 2, and nothing written into
+    the run folder (so the corrected command runs there without --overwrite_output_dir)."""
+    import shutil
+
+    out = tmp_path / "out"
+
+    def args(model, *extra):
+        a = base_args(work, "bad", "--max_steps", "1", "--model_name_or_path", str(model), *extra)
+        a[a.index("--output_dir") + 1] = str(out)
+        return a
+
+    def broken(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(work / "tiny", folder)
+        edit(folder)
+        return folder
+
+    config = json.loads((work / "tiny" / "config.json").read_text())
+    weights = (work / "tiny" / "model.safetensors").read_bytes()
+    cases = [
+        (args(work / "tiny", "--learning_rate", "-1e-3"), "--learning_rate must be > 0"),
+        (args(work / "tiny", "--lora_r", "0"), "--lora_r must be >= 1"),
+        (args(broken("notjson", lambda f: (f / "config.json").write_text('{"model_type": qwen2}'))),
+         "not valid JSON at line 1, column 16"),
+        (args(broken("gpt2", lambda f: (f / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"})))),
+         "unsupported model_type 'gpt2'"),
+        (args(broken("yarn", lambda f: (f / "config.json").write_text(json.dumps(
+            {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})))), "unsupported rope_type 'yarn'"),
+        (args(broken("truncated", lambda f: (f / "model.safetensors").write_bytes(weights[:len(weights) // 2]))),
+         "truncated or damaged"),
+        (args(broken("random", lambda f: (f / "model.safetensors").write_bytes(os.urandom(4096)))),
+         "truncated or damaged"),
+    ]
+    for argv, expected in cases:
+        line = _one_line_error(argv, capsys)
+        assert line.startswith("error: ") and expected in line, (expected, line)
+        assert not (out / "bad").exists() or list((out / "bad").iterdir()) == [], list((out / "bad").iterdir())
+    # the real command line: the same one line from `python sft.py`
+    p = run_sft(cases[-1][0], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "truncated or damaged" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_start_does_not_block_the_retry(work, tmp_path, capsys):
+    """A first run that fails on its data (no such data folder) leaves nothing in the run folder: the corrected
+    command starts there, without --overwrite_output_dir."""
+    out = tmp_path / "out"
+    bad = ["--model_name_or_path", str(work / "tiny"), "--datasets", "gsm8k", "--data_dir", str(tmp_path / "nodata"),
+           "--output_dir", str(out), "--job_name", "retry", "--max_steps", "1", "--num_threads", "1",
+           "--data_cache_dir", str(work / "cache"), "--lora_r", "4"]
+    line = _one_line_error(bad, capsys)
+    assert "nodata" in line
+    good = base_args(work, "retry", "--max_steps", "1", "--lora_r", "4")
+    good[good.index("--output_dir") + 1] = str(out)
+    sft.main(good)
+    assert ck.verify(out / "retry" / "checkpoint-000001") is None and not (out / "retry" / ck.LOCK).exists()
+    # a run that wrote its config but died before its first save: restartable as is, and it says so
+    (out / "retry2").mkdir()
+    (out / "retry2" / "config.json").write_text("{}")
+    (out / "retry2" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    sft.main(with_job(good, "retry2"))
+    log = (out / "retry2" / "train.log").read_text()
+    assert "saved no checkpoint: starting it again" in log and [s for s, _ in losses(out / "retry2")] == [1]
+
+
+def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
+    """SIGINT while the in-training evaluation decodes: acknowledged at once, the evaluation stops at a batch
+    boundary (no result is logged for it), the step is saved, exit status 0; resuming gives the losses and
+    final state of an uninterrupted run. A second Ctrl-C stops at once: one line, status 130, lock released."""
+    extra = ["--max_steps", "4", "--eval_steps", "2", "--eval_accuracy_samples", "16", "--eval_max_new_tokens", "256",
+             "--valid_fraction", "0.5"]
+    args = with_job(reference, "sigint") + extra
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "evaluating at step 2" in line:  # printed as the evaluation starts
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping: finishing the current batch, then saving; press Ctrl-C again" in err
+    assert "stopping on a signal at step 2" in out and "eval step 2:" not in out
+    job = work / "out" / "sigint"
+    assert ck.verify(job / "checkpoint-000002") is None
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--eval_accuracy_samples", "0"])
+    sft.main(with_job(reference, "sigint_ref") + extra + ["--eval_accuracy_samples", "0"])
+    assert losses(job) == losses(work / "out" / "sigint_ref")
+    assert_same_state(state(job / "checkpoint-000004"), state(work / "out" / "sigint_ref" / "checkpoint-000004"))
+    # twice: stop at once without saving, no traceback
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *with_job(reference, "sigint2"), "--max_steps", "400"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "step 1/400" in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted")
+    assert not (work / "out" / "sigint2" / ck.LOCK).exists()
+
+
 # ----------------------------------------------------------------------------- checkpoint.py units
+
+def test_manifest_sizes_always_sha256_with_checksum(tmp_path):
+    """Without --checksum a save records sizes only (a truncated file is caught, same-size damage is not); with
+    it the sha256 of every file is recorded and checked."""
+    for checksum in (False, True):
+        tmp = ck.begin(tmp_path, "c")
+        (tmp / "x.bin").write_bytes(b"\1" * 100)
+        final = ck.commit(tmp_path, tmp, "c", checksum)
+        info = json.loads((final / ck.MANIFEST).read_text())["files"]["x.bin"]
+        assert info["size"] == 100 and ("sha256" in info) == checksum
+        (final / "x.bin").write_bytes(b"\0" * 100)
+        assert (ck.verify(final) is None) != checksum
+        (final / "x.bin").write_bytes(b"\0" * 99)
+        assert "size 99 != 100" in ck.verify(final)
+
 
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
     for step in (1, 2, 3):
         tmp = ck.begin(tmp_path, ck.checkpoint_name(step))
         (tmp / "x.bin").write_bytes(bytes([step]) * 100)
-        ck.commit(tmp_path, tmp, ck.checkpoint_name(step))
+        ck.commit(tmp_path, tmp, ck.checkpoint_name(step), checksum=True)
     assert (tmp_path / ck.LATEST).read_text().strip() == "checkpoint-000003"
     (tmp_path / "checkpoint-000003" / "x.bin").write_bytes(b"\0" * 100)  # same size, other content
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
@@ -539,3 +791,29 @@ def test_torchrun_two_processes_match_one(work, mts):
     p = run_sft(with_job(one, j2) + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
     assert "written by 2 ranks" in p.stdout
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / j2)))
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_match_one_process(work):
+    """`torchrun --nnodes 2 --nproc_per_node 1` started twice (two "nodes" on localhost, c10d rendezvous, gloo)
+    gives the losses of one process with the same global batch."""
+    import socket
+
+    extra = ("--max_steps", "4", "--save_strategy", "no", "--lora_dropout", "0")
+    one = base_args(work, "nodes-one", *extra)
+    one[one.index("--per_device_train_batch_size") + 1] = "2"
+    run_sft(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "mathsft-test", str(REPO / "sft.py"),
+              *base_args(work, "nodes-two", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outs)
+    assert any("FSDP2 over 2 ranks (gloo)" in o for o in outs)
+    a, b = losses(work / "out" / "nodes-one"), losses(work / "out" / "nodes-two")
+    assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b))
