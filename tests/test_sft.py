@@ -477,7 +477,7 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
     results = []
     for chunk in (0, 7, 100000):
         run.cfg.loss_chunk_tokens = chunk
-        loss, _ = sft.loss_sum(run, batch)
+        loss = sft.loss_sum(run, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named}))
         run.optim.zero_grad(set_to_none=True)
@@ -485,6 +485,34 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
         torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-4)
         for n in results[0][1]:
             torch.testing.assert_close(results[0][1][n], other[1][n], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_device(work):
+    """The CUDA path (fused AdamW, found_inf set from the device-side ok flag, no host read) on CPU: a step
+    with a non-finite loss leaves weights and optimizer state bitwise alone, the next finite step updates."""
+    import packing
+
+    cfg, notes = sft.parse_args(base_args(work, "fused", "--max_steps", "2"))
+    run = sft.setup(cfg, sft.init_distributed(), notes)
+    run.optim = torch.optim.AdamW([p for _, p in run.named], lr=1e-2, fused=True)
+    run.sched = lambda step: 1e-2  # no warm-up: every good step moves the weights
+    micro = [packing.to_device(run.data.train.batch(0, 0), "cpu")]
+    sft.train_step(run, micro)
+    before = {n: p.detach().clone() for n, p in run.named}
+    moments = {id(p): {k: v.clone() for k, v in run.optim.state[p].items()} for _, p in run.named}
+    name, p0 = run.named[0]
+    keep = p0.detach().clone()
+    with torch.no_grad():
+        p0.fill_(float("inf"))
+    bad = sft.read_step(sft.train_step(run, micro))
+    assert not bad["ok"] and torch.isinf(p0).all()
+    with torch.no_grad():
+        p0.copy_(keep)
+    before[name] = keep
+    assert all(torch.equal(p, before[n]) for n, p in run.named)
+    assert all(torch.equal(run.optim.state[p][k], moments[id(p)][k]) for _, p in run.named for k in moments[id(p)])
+    good = sft.read_step(sft.train_step(run, micro))
+    assert good["ok"] and not torch.equal(run.named[0][1], before[name])
 
 
 def test_non_finite_steps_are_skipped_then_abort(work):
@@ -707,11 +735,26 @@ def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
 
 # ----------------------------------------------------------------------------- checkpoint.py units
 
+def test_manifest_sizes_always_sha256_with_checksum(tmp_path):
+    """Without --checksum a save records sizes only (a truncated file is caught, same-size damage is not); with
+    it the sha256 of every file is recorded and checked."""
+    for checksum in (False, True):
+        tmp = ck.begin(tmp_path, "c")
+        (tmp / "x.bin").write_bytes(b"\1" * 100)
+        final = ck.commit(tmp_path, tmp, "c", checksum)
+        info = json.loads((final / ck.MANIFEST).read_text())["files"]["x.bin"]
+        assert info["size"] == 100 and ("sha256" in info) == checksum
+        (final / "x.bin").write_bytes(b"\0" * 100)
+        assert (ck.verify(final) is None) != checksum
+        (final / "x.bin").write_bytes(b"\0" * 99)
+        assert "size 99 != 100" in ck.verify(final)
+
+
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
     for step in (1, 2, 3):
         tmp = ck.begin(tmp_path, ck.checkpoint_name(step))
         (tmp / "x.bin").write_bytes(bytes([step]) * 100)
-        ck.commit(tmp_path, tmp, ck.checkpoint_name(step))
+        ck.commit(tmp_path, tmp, ck.checkpoint_name(step), checksum=True)
     assert (tmp_path / ck.LATEST).read_text().strip() == "checkpoint-000003"
     (tmp_path / "checkpoint-000003" / "x.bin").write_bytes(b"\0" * 100)  # same size, other content
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
@@ -768,3 +811,29 @@ def test_torchrun_two_processes_match_one(work, mts):
     p = run_sft(with_job(one, j2) + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
     assert "written by 2 ranks" in p.stdout
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / j2)))
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_match_one_process(work):
+    """`torchrun --nnodes 2 --nproc_per_node 1` started twice (two "nodes" on localhost, c10d rendezvous, gloo)
+    gives the losses of one process with the same global batch."""
+    import socket
+
+    extra = ("--max_steps", "4", "--save_strategy", "no", "--lora_dropout", "0")
+    one = base_args(work, "nodes-one", *extra)
+    one[one.index("--per_device_train_batch_size") + 1] = "2"
+    run_sft(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "mathsft-test", str(REPO / "sft.py"),
+              *base_args(work, "nodes-two", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outs)
+    assert any("FSDP2 over 2 ranks (gloo)" in o for o in outs)
+    a, b = losses(work / "out" / "nodes-one"), losses(work / "out" / "nodes-two")
+    assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b))
