@@ -148,11 +148,9 @@ def data_config(cfg: Config) -> data.DataConfig:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
-    """argv -> (Config, notes): LESS flag strings translated (less.py), `--config` YAML files as defaults, flags.
-    A data.py YAML file (configs/data_*.yaml: it has `tokenizer` or `out_dir`) uses data.py's names (DATA_NAMES);
-    its `tokenizer` is ignored (the model's tokenizer is used)."""
+    """argv -> (Config, notes): LESS flag strings translated (less.py), `--config` YAML files as defaults, flags."""
     argv, notes = less.translate_if_less(argv, {f.name for f in dataclasses.fields(Config)})
-    data_keys = {**DATA_NAMES, "tokenizer": None}
+    data_keys = {**DATA_NAMES, "tokenizer": None}  # a data.py YAML (has tokenizer or out_dir): the model's tokenizer
     cfg, files = parse_config(Config, argv, lambda raw: data_keys if "tokenizer" in raw or "out_dir" in raw else None)
     return cfg, notes + files
 

@@ -159,8 +159,9 @@ def export_examples(mdir: Path, root: Path, seq: int) -> tuple[Path, float, floa
 
     import data
 
-    cache = data.prepare(["gsm8k"], "train", data_dir=root / "data", tokenizer_path=str(mdir), template="plain",
-                         max_seq_length=seq, out_dir=WORK / "processed", valid_fraction=0.0)
+    cache = data.prepare(data.DataConfig(datasets=("gsm8k",), data_dir=str(root / "data"), tokenizer=str(mdir),
+                                         template="plain", max_seq_length=seq, out_dir=str(WORK / "processed"),
+                                         valid_fraction=0.0))
     toks, masks, offs = (np.load(cache / f) for f in ("tokens.npy", "loss_mask.npy", "doc_offsets.npy"))
     out = WORK / f"examples-{mdir.name}-{seq}.jsonl"
     with open(out, "w") as f:
