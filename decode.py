@@ -201,13 +201,15 @@ class Engine:
 
     graphs: capture the decode step with torch.cuda.CUDAGraph, one graph per slot bucket (default on CUDA).
     compile: torch.compile the step instead ("reduce-overhead" on CUDA, the default mode elsewhere).
-    Either one attends over all max_len positions (fixed shapes); the eager step attends over the positions in
-    use. sync_every: steps between host looks at the device state (1 on CPU, 8 on CUDA)."""
+    fixed: fixed shapes (implied by graphs and compile): the step attends over all max_len positions and runs
+    over a slot bucket (powers of two >= 8, and `slots`); else it attends over the positions in use and runs
+    over exactly the slots in use. sync_every: steps between host looks at the device state (1 on CPU, 8 on
+    CUDA)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, max_new_tokens: int, eos_ids: Iterable[int],
                  *, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
                  stop: StopRule | None = None, pad_id: int = 0, graphs: bool | None = None, compile: bool = False,
-                 sync_every: int | None = None):
+                 fixed: bool = False, sync_every: int | None = None):
         emb = model.model.embed_tokens.weight
         self.device, V = emb.device, model.args.vocab_size
         cuda = self.device.type == "cuda"
@@ -217,7 +219,7 @@ class Engine:
         self.graphs = (cuda and not compile) if graphs is None else graphs
         if self.graphs and not cuda:
             raise ValueError("CUDA graphs need a CUDA device")
-        self.fixed = self.graphs or compile
+        self.fixed = self.graphs or compile or fixed
         self.sync_every = sync_every or (8 if cuda else 1)
         self.cache = StaticCache(model, slots, max_len, self.device, emb.dtype)
         dev = dict(device=self.device)
@@ -225,9 +227,8 @@ class Engine:
         self.tokens = torch.full((slots,), pad_id, dtype=torch.long, **dev)  # each slot's next input token
         self.active = torch.zeros(slots, dtype=torch.bool, **dev)
         self.n_gen = torch.zeros(slots, dtype=torch.long, **dev)
-        self.reason = torch.zeros(slots, dtype=torch.long, **dev)
         self.maybe_stop = torch.zeros(slots, dtype=torch.bool, **dev)
-        self.out = torch.zeros(slots, max(1, max_new_tokens), dtype=torch.long, **dev)
+        self.out = torch.zeros(slots, max(0, max_new_tokens) + 1, dtype=torch.long, **dev)
         self.eos_table = torch.zeros(V, dtype=torch.bool, **dev)
         eos = [e for e in set(int(e) for e in eos_ids) if 0 <= e < V]
         self.eos_table[eos] = True
@@ -240,20 +241,18 @@ class Engine:
 
     # ---- device bookkeeping ----
     def _record(self, idx, nxt: torch.Tensor, fed: torch.Tensor) -> None:
-        """Slots `idx` (a slice or index tensor) sampled `nxt`; `fed` marks those whose token counts."""
-        rows = self.arange[idx]
-        is_eos = self.eos_table[nxt] & fed
-        keep = fed & ~is_eos
+        """Slots `idx` (a slice or index tensor) sampled `nxt`; `fed` marks those whose token counts. A token
+        is written at n_gen whether it counts or not (out has max_new + 1 columns): only counted ones advance
+        n_gen. A row that ended has n_gen == max_new (length) or < max_new (EOS)."""
+        keep = fed & ~self.eos_table[nxt]
         n_gen = self.n_gen[idx]
-        at = n_gen.clamp(max=self.max_new - 1)
-        self.out[rows, at] = torch.where(keep, nxt, self.out[rows, at])
+        self.out[self.arange[idx], n_gen] = nxt
         n_gen = n_gen + keep
-        full = keep & (n_gen >= self.max_new)
         self.n_gen[idx] = n_gen
-        self.reason[idx] = torch.where(is_eos, EOS, torch.where(full, LENGTH, self.reason[idx]))
-        self.active[idx] = keep & ~full
+        self.active[idx] = keep & (n_gen < self.max_new)
         self.tokens[idx] = nxt
-        self.maybe_stop[idx] |= keep & self.stop_table[nxt]
+        if self.stop is not None:
+            self.maybe_stop[idx] |= keep & self.stop_table[nxt]
 
     def _stepper(self, b: int) -> Callable[[], torch.Tensor]:
         """The decode step over the first b slots: eager, compiled, or a replayed CUDA graph."""
@@ -299,7 +298,6 @@ class Engine:
         logits = linear(self.model.lm_head, h[torch.arange(G, device=self.device), lens - 1])
         self.cache.lens[idx] = lens
         self.n_gen[idx] = 0
-        self.reason[idx] = RUNNING
         self.maybe_stop[idx] = False
         self._record(idx, sample(logits, self.temperature, self.top_p, self.generator),
                      torch.ones(G, dtype=torch.bool, device=self.device))
@@ -309,7 +307,7 @@ class Engine:
         s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
         self.cache.k[:, d] = self.cache.k[:, s]
         self.cache.v[:, d] = self.cache.v[:, s]
-        for t in (self.cache.lens, self.tokens, self.active, self.n_gen, self.reason, self.maybe_stop, self.out):
+        for t in (self.cache.lens, self.tokens, self.active, self.n_gen, self.maybe_stop, self.out):
             t[d] = t[s]
         self.active[s] = False
 
@@ -372,11 +370,12 @@ class Engine:
         if not look:
             return 0
         idx = torch.tensor(look, device=self.device)
-        rows = torch.cat([self.n_gen[idx, None], self.reason[idx, None], self.out[idx]], 1).tolist()
+        rows = torch.cat([self.n_gen[idx, None], self.out[idx]], 1).tolist()
         self.maybe_stop[idx] = False
         finished, stopped, n_tok = [], [], 0
-        for s, (n, reason, *toks) in zip(look, rows):
+        for s, (n, *toks) in zip(look, rows):
             toks = toks[:n]
+            reason = RUNNING if flags[0][s] else LENGTH if n >= self.max_new else EOS
             if flags[1][s] and self.stop is not None:
                 j = next((j for j in range(checked[s], n) if self.could_end[toks[j]] and self.stop.hit(toks[:j + 1])),
                          None)
@@ -464,8 +463,8 @@ def pick_slots(model: Transformer, max_len: int, n_prompts: int, batch_size: int
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: Iterable[int], *,
              slots: int | str = "auto", max_batch_tokens: int | None = None, temperature: float = 0.0,
              top_p: float = 1.0, generator: torch.Generator | None = None, stop: StopRule | None = None,
-             pad_id: int = 0, graphs: bool | None = None, compile: bool = False, sync_every: int | None = None,
-             progress: Callable[[int, int, int], None] | None = None,
+             pad_id: int = 0, graphs: bool | None = None, compile: bool = False, fixed: bool = False,
+             sync_every: int | None = None, progress: Callable[[int, int, int], None] | None = None,
              should_abort: Callable[[], bool] | None = None) -> list[GenerationOutput | None]:
     """Decodes every prompt (token ids) with continuous batching; outputs in prompt order. A row ends at an EOS
     id (excluded from tokens), when the stop rule hits (that token kept) or after max_new_tokens. The result
@@ -475,6 +474,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     max_len = cache_len(model, prompts, max(0, max_new_tokens))
     n_slots = pick_slots(model, max_len, len(prompts), slots, max_batch_tokens)
     engine = Engine(model, n_slots, max_len, max_new_tokens, eos_ids, temperature=temperature, top_p=top_p,
-                    generator=generator, stop=stop, pad_id=pad_id, graphs=graphs, compile=compile,
+                    generator=generator, stop=stop, pad_id=pad_id, graphs=graphs, compile=compile, fixed=fixed,
                     sync_every=sync_every)
     return engine.run(prompts, progress=progress, should_abort=should_abort)

@@ -95,9 +95,26 @@ def test_fixed_shape_step_equals_eager_step(hf_dirs):  # noqa: F811
         eager = D.step_logits(m, engine.cache, engine.tokens, engine.arange[:4], 21)
         fixed = D.step_logits(m, engine.cache, engine.tokens, engine.arange[:4], 64)
         torch.testing.assert_close(fixed[[0, 1, 3]], eager[[0, 1, 3]], rtol=1e-5, atol=1e-5)
-        for i, (s, p) in enumerate(zip([0, 1, 3], prompts)):  # against a no-cache forward of prompt + token
+        for s, p in zip([0, 1, 3], prompts):  # against a no-cache forward of prompt + token
             seq = torch.tensor([p + [int(engine.tokens[s])]])
             torch.testing.assert_close(eager[s], m(seq)[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_shapes_buckets_and_compaction_give_the_same_tokens(hf_dirs, monkeypatch):  # noqa: F811
+    """The GPU path's logic run eagerly on CPU: full-length attention, slot buckets (8, 16, 20) and rows moved
+    down into a smaller bucket once no prompt waits, with host looks every 3 steps."""
+    m = M.Transformer.from_pretrained(hf_dirs["mistral"]).eval()
+    prompts = PROMPTS * 3
+    free = D.generate(m, prompts, N_NEW, [], slots=20)
+    eos = {free[0].tokens[3], free[5].tokens[9], free[7].tokens[12]}  # rows end at different steps
+    ref = D.generate(m, prompts, N_NEW, eos, slots=20)
+    assert len({len(o.tokens) for o in ref}) > 2
+    moves, buckets, orig_move, orig_step = [], [], D.Engine.move, D.Engine.step
+    monkeypatch.setattr(D.Engine, "move", lambda self, src, dst: (moves.append(len(src)), orig_move(self, src, dst)))
+    monkeypatch.setattr(D.Engine, "step", lambda self, b, kv: (buckets.append(b), orig_step(self, b, kv)))
+    fixed = D.generate(m, prompts, N_NEW, eos, slots=20, fixed=True, sync_every=3)
+    assert [(o.tokens, o.finish_reason) for o in fixed] == [(o.tokens, o.finish_reason) for o in ref]
+    assert moves and set(buckets) == {8, 16, 20}, (moves, set(buckets))
 
 
 @pytest.mark.slow
