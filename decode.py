@@ -317,13 +317,15 @@ class Engine:
             ) -> list[GenerationOutput | None]:
         """Generates for every prompt (longest first); returns outputs in prompt order. When should_abort()
         turns True (asked at every host look), returns at once: None for prompts not finished.
-        progress(done, total, generated_tokens) is called at every host look."""
+        progress(done, total, generated_tokens) is called at every host look. Free slots are refilled once
+        slots/16 of them are free (prefills of up to `prefill_tokens` padded tokens per group)."""
         n = len(prompts)
         outs: list[GenerationOutput | None] = [None] * n
         if self.max_new <= 0:
             return [GenerationOutput([], "length") for _ in prompts]
         queue = sorted(range(n), key=lambda i: -len(prompts[i]))[::-1]  # pop() gives the longest first
         budget = prefill_tokens or (16384 if self.device.type == "cuda" else 4096)
+        refill_at = max(1, self.slots // 16)  # free slots that trigger a refill: prefills in groups, not one by one
         slot_of: list[int | None] = [None] * self.slots  # slot -> prompt index
         pos = [0] * self.slots  # upper bound of each slot's next position (host side, for the eager kv_len)
         checked = [0] * self.slots  # tokens of the slot's row already looked at by the stop rule
@@ -344,12 +346,15 @@ class Engine:
         while any(s is not None for s in slot_of):
             b = self._bucket(max(s for s in range(self.slots) if slot_of[s] is not None) + 1)
             for _ in range(self.sync_every):
-                kv = self.max_len if self.fixed else min(self.max_len, max(pos[:b]) + 1)
-                self.step(b, kv)
+                if self.fixed:
+                    self.step(b, self.max_len)
+                    continue
+                self.step(b, min(self.max_len, max(pos[:b]) + 1))
                 for s in range(b):
                     pos[s] += slot_of[s] is not None
             done_tokens += self._look(outs, slot_of, checked)
-            if queue:
+            n_free = sum(s is None for s in slot_of)
+            if queue and (n_free >= refill_at or n_free == self.slots):
                 refill()
             else:
                 self._compact(slot_of, pos, checked)
