@@ -125,7 +125,8 @@ def markdown(results: dict, args) -> str:
              "", f"command: `python scripts/bench_decode.py --shared ../shared --batch_size {args.batch_size} "
              f"--max_new_tokens {args.max_new_tokens} --qwen_max_new_tokens {args.qwen_max_new_tokens} "
              f"--qwen_layers {args.qwen_layers} --repeats {args.repeats}"
-             + (f" --baseline {args.baseline}" if args.baseline else "") + "` "
+             + (f" --baseline {args.baseline}" if args.baseline else "")
+             + (f" --threads {args.threads}" if args.threads else "") + "` "
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, shared 2-core machine)", "",
              "| model | layers | params | batch | new tokens | decoder | tok/s | problems/s | forwards | speedup vs "
              "transformers | same tokens as transformers |",
@@ -153,7 +154,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "qwen-shape"])
     ap.add_argument("--baseline", default=None, help="also time the decoder of this git commit (model.generate)")
     ap.add_argument("--append", type=Path, default=None, help="append the markdown section to this file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     questions = [r["question"] for r in data.load_records("gsm8k", "test", args.shared / "data")]
     with tempfile.TemporaryDirectory() as work:

@@ -113,7 +113,7 @@ def test_config_yaml_defaults_flags_override_and_bool_forms(tmp_path):
     with pytest.raises(SystemExit, match="did you mean 'max_new_tokens'"):
         evalmath.parse_config(["--config", str(cfg_file)])
     repo_cfg = evalmath.config_from_yaml(REPO / "configs" / "eval.yaml")  # the shipped defaults parse
-    assert repo_cfg.batch_size >= 1 and repo_cfg.max_new_tokens >= 256
+    assert repo_cfg.batch_size == "auto" and repo_cfg.max_new_tokens >= 256
 
 
 # ----------------------------------------------------------------------------- decoding
