@@ -9,7 +9,6 @@ door in packing.py (it needs torch; this file does not). Formats are documented 
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import json
@@ -30,14 +29,6 @@ IGNORE_INDEX = -100  # label value that the loss ignores (the one definition in 
 REPO = Path(__file__).resolve().parent
 CACHE_VERSION = 1  # bump when the cache layout or tokenization logic changes
 NAMED = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",)}
-
-
-def __getattr__(name: str):
-    """`from data import PackedLoader` works too; the loader lives in packing.py (it imports torch)."""
-    if name == "PackedLoader":
-        from packing import PackedLoader
-        return PackedLoader
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 class DataError(ValueError):
@@ -775,23 +766,10 @@ class PrepareConfig:
 
 
 def parse_config(argv: list[str]) -> PrepareConfig:
-    """--config YAML gives defaults, flags override; unknown YAML keys fail with a did-you-mean."""
-    import tyro
-    import yaml
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-    base = PrepareConfig()
-    if known.config:
-        raw = yaml.safe_load(Path(known.config).read_text()) or {}
-        names = {f.name: f for f in fields(PrepareConfig)}
-        for k, v in raw.items():
-            if k not in names:
-                near = difflib.get_close_matches(k, names, n=1)
-                raise DataError(f"{known.config}: unknown key '{k}'" + (f"; did you mean '{near[0]}'?"
-                                                                       if near else ""))
-            setattr(base, k, tuple(v) if isinstance(v, list) else v)
-    return tyro.cli(PrepareConfig, default=base, args=rest, use_underscores=True, prog="data.py prepare")
+    """--config YAML gives defaults, flags override; unknown YAML keys fail with a did-you-mean (cli.py)."""
+    import cli
+
+    return cli.parse_config(PrepareConfig, argv, prog="data.py prepare")[0]
 
 
 def main(argv: list[str]) -> None:

@@ -32,21 +32,21 @@ import difflib
 import hashlib
 import json
 import os
-import platform
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 
+import cli
 import reports
+from cli import Bool, write_json
+from model import pick_dtype
 
 REPO = Path(__file__).resolve().parent
 RESULT_FORMAT = "mathsft-eval-v1"
@@ -213,39 +213,6 @@ def prompt_ids(protocol: Protocol, question: str, tokenizer, template=None) -> l
 
 # ----------------------------------------------------------------------------- 2. config
 
-def _parse_bool(args: list[str]) -> bool:
-    if not args:
-        return True
-    word = args[0].strip().lower()
-    if word in ("true", "1", "yes"):
-        return True
-    if word in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {args[0]!r}")
-
-
-def _bool_spec():
-    import tyro
-
-    return tyro.constructors.PrimitiveConstructorSpec(
-        nargs=(0, 1), metavar="[{true,false}]", instance_from_str=_parse_bool,
-        is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda b: [str(b).lower()])
-
-
-def _flex_bool():
-    """`--flag`, `--flag true`, `--flag false` (tyro nargs=(0, 1), notes/torch-native.md §7). Without tyro
-    (it only parses the command line) a plain bool: the API and scripts/bench_gpu.py run without it."""
-    try:
-        import tyro
-    except ImportError:
-        return bool
-
-    return Annotated[tyro.conf.FlagConversionOff[bool], _bool_spec()]
-
-
-FlexBool = _flex_bool()
-
-
 @dataclass
 class EvalConfig:
     """Evaluate a model (base, full checkpoint or LoRA checkpoint) on GSM8K / MATH / MATH-500."""
@@ -268,55 +235,22 @@ class EvalConfig:
     seed: int = 0
     template: str | None = None  # data/prompts template; default: the one recorded in the checkpoint
     num_fewshot: int = 0  # > 0: the lm-eval few-shot protocols (gsm8k_cot 8-shot, minerva_math 4-shot)
-    cot: FlexBool = True  # false: answer directly, no chain of thought
+    cot: Bool = True  # false: answer directly, no chain of thought
     stop_strings: tuple[str, ...] = ()  # extra stop strings (besides the protocol's and the EOS tokens)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    merge_lora: FlexBool = True  # fold the adapter into the weights before decoding (faster, same outputs)
+    merge_lora: Bool = True  # fold the adapter into the weights before decoding (faster, same outputs)
     output_dir: str = "outputs/eval"
     reports_dir: str = "docs/reports"
-    write_report: FlexBool = True
+    write_report: Bool = True
     run_name: str | None = None  # replaces the model name in the default run_id
     run_id: str | None = None  # default: <run_name or model>-<dataset>-<protocol>-<YYYYmmdd-HHMMSS>
-    quiet: FlexBool = False
-
-
-def _config_fields() -> dict[str, typing.Any]:
-    return typing.get_type_hints(EvalConfig, include_extras=True)
-
-
-def config_from_yaml(path: str | os.PathLike) -> EvalConfig:
-    """Defaults from a YAML file; unknown keys are errors with a did-you-mean."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --config {path}: file not found") from e
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: --config {path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise SystemExit(f"error: --config {path}: expected a mapping of option: value")
-    names = list(_config_fields())
-    for key in raw:
-        if key not in names:
-            near = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise SystemExit(f"error: {path}: unknown key '{key}'{hint}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return EvalConfig(**values)
+    quiet: Bool = False
 
 
 def parse_config(argv: list[str]) -> EvalConfig:
-    """--config YAML (optional) for defaults, then tyro flags (underscores) on top."""
-    import tyro
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    base = config_from_yaml(known.config) if known.config else EvalConfig()
-    return tyro.cli(EvalConfig, default=base, args=rest, use_underscores=True,
-                    console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    """--config YAML (repeatable) for defaults, then tyro flags (underscores) on top (cli.parse_config)."""
+    return cli.parse_config(EvalConfig, argv, prog="evalmath.py")[0]
 
 
 # ----------------------------------------------------------------------------- 3. loading
@@ -347,19 +281,6 @@ def _has_tokenizer(p: Path) -> bool:
                                            "tokenizer_config.json"))
 
 
-def _find_key(obj, key: str, depth: int = 0):
-    """First value of `key` in nested dicts (breadth first: top level wins)."""
-    if not isinstance(obj, dict) or depth > 3:
-        return None
-    if isinstance(obj.get(key), str):
-        return obj[key]
-    for v in obj.values():
-        found = _find_key(v, key, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
 def _read_json(p: Path) -> dict | None:
     try:
         d = json.loads(p.read_text())
@@ -369,19 +290,19 @@ def _read_json(p: Path) -> dict | None:
 
 
 def find_template(folder: Path) -> tuple[str | None, str | None]:
-    """The prompt template sft.py recorded: the `template` field of the checkpoint's trainer_state.json
-    (or mathsft.json), else the `template` of the data cache meta.json its `data_cache_dir` points to."""
-    for p in (folder / "trainer_state.json", folder / "mathsft.json"):
-        meta = _read_json(p) if p.is_file() else None
-        if meta is None:
-            continue
-        if _find_key(meta, "template"):
-            return _find_key(meta, "template"), str(p)
-        cache = _find_key(meta, "data_cache_dir") or _find_key(meta, "cache_dir")
-        for m in ((Path(cache) / "meta.json", *Path(cache).glob("*/meta.json")) if cache else ()):
-            t = _find_key(_read_json(m) or {}, "template")
-            if t:
-                return t, str(m)
+    """(template, file it was read from): the `template` (or `config.template`) sft.py recorded in the checkpoint's
+    trainer_state.json, else that of the data cache its `data_cache_dir` names (a meta.json's `template` or
+    `settings.template`)."""
+    state = _read_json(folder / "trainer_state.json") or {}
+    t = state.get("template") or (state.get("config") or {}).get("template")
+    if isinstance(t, str):
+        return t, str(folder / "trainer_state.json")
+    cache = state.get("data_cache_dir")
+    for m in ((Path(cache) / "meta.json", *sorted(Path(cache).glob("*/meta.json"))) if cache else ()):
+        meta = _read_json(m) or {}
+        t = meta.get("template") if isinstance(meta.get("template"), str) else (meta.get("settings") or {}).get("template")
+        if isinstance(t, str):
+            return t, str(m)
     return None, None
 
 
@@ -421,15 +342,6 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise SystemExit(f"error: --dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    return table[dtype]
 
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True):
@@ -639,6 +551,43 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
     return items, summary
 
 
+def accuracy_during_training(model, records_file: Path, limit: int, tokenizer_path: str, template: str,
+                             max_new_tokens: int, autocast=None, should_abort=None, batch_size: int = 16) -> dict:
+    """sft.py's in-training accuracy: greedy-decode the first `limit` problems of `records_file` (a data cache's
+    records/valid.jsonl) with the training model, `batch_size` decoding slots per rank; `should_abort()` (polled
+    every few decode steps, on every rank) ends it early. Under FSDP2 every rank first gathers the full weights
+    (unshard), so ranks can run different numbers of forwards; they are resharded afterwards.
+    Returns {"eval_accuracy": float}, or {} when there is nothing to decode or it was aborted."""
+    import contextlib
+
+    import data
+
+    if not Path(records_file).is_file():
+        return {}
+    lines = Path(records_file).read_text().splitlines()
+    records = [r for r in (json.loads(ln) for ln in lines if ln.strip())][:limit]
+    records = [r for r in records if r.get("answer")]
+    if not records:
+        return {}
+    tokenizer = data.load_tokenizer(tokenizer_path)
+    fsdp_mods = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in fsdp_mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        with autocast or contextlib.nullcontext():
+            items, summary = evaluate_records(model, tokenizer, records, template=template,
+                                              dataset=guess_grader_dataset(records), max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, should_abort=should_abort)
+    finally:
+        for m in fsdp_mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+    if summary.get("partial"):
+        return {}
+    return {"eval_accuracy": sum(bool(it["correct"]) for it in items) / len(records)}
+
+
 # ----------------------------------------------------------------------------- 7. runs
 
 def load_eval_records(name: str, cfg: EvalConfig) -> list[dict]:
@@ -687,22 +636,6 @@ def data_hash(records: list[dict]) -> str:
         h.update(json.dumps([str(r["id"]), r["question"], gold_of(r)], ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "result_format": RESULT_FORMAT}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["git_commit"] = commit + ("+dirty" if dirty else "") if commit else None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
 
 
 def make_run_id(model: str, dataset: str, protocol: Protocol, stamp: str, run_name: str | None = None) -> str:
@@ -758,7 +691,7 @@ def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
               "n_problems": len(records), "data_hash": data_hash(records),
               "protocol": protocol.to_dict() | {"template_from": src.template_from if protocol.template else None},
-              "decoding": decoding | extra.pop("decoding"), "seed": cfg.seed, "versions": versions(),
+              "decoding": decoding | extra.pop("decoding"), "seed": cfg.seed, "versions": cli.versions() | {"result_format": RESULT_FORMAT},
               "args": dataclasses.asdict(cfg)}
     return {"format": RESULT_FORMAT, "run_id": run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "config": config, "summary": summary, **extra, "items": items}
@@ -799,7 +732,10 @@ def run(cfg: EvalConfig) -> list[Path]:
 
     check_config(cfg)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    try:
+        dtype = pick_dtype(cfg.dtype, device.type)
+    except ValueError as e:
+        raise cli.UserError(f"error: --{e}") from None
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
@@ -863,7 +799,7 @@ def write_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
         extra["partial"] = True
     result = build_result(cfg, src, name, protocol, records, items, summary, extra)
     path = Path(cfg.output_dir) / name / f"{result['run_id']}.json"
-    reports.write_json_atomic(result, path)
+    write_json(path, result)
     md = reports.write_report(result, cfg.reports_dir) if cfg.write_report else None
     say(f"  {name}: accuracy {100 * summary['accuracy']:.2f} ± {100 * summary['stderr']:.2f} "
         f"({summary['correct']}/{summary['n']}"
@@ -877,19 +813,30 @@ def write_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
 
 def cmd_grade(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py grade", description="Re-grade responses without a model.")
-    ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"}')
-    ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"}')
+    ap.add_argument("--input", required=True, help='jsonl rows {"id", "dataset", "response", "gold"} (dataset gsm8k, '
+                    'math or math500; optional "finish_reason" (length = cut off) or "truncated")')
+    ap.add_argument("--output", required=True, help='jsonl rows {"id", "correct", "extracted", "error_type"} '
+                    "(written to a temporary file, then renamed; never the input)")
+    ap.add_argument("--skip_bad_rows", action="store_true", help="skip and count rows that cannot be graded "
+                    "instead of stopping at the first")
     a = ap.parse_args(argv)
     import grader
 
     if not Path(a.input).is_file():
-        raise SystemExit(f"error: --input {a.input}: file not found")
+        what = "is a folder" if Path(a.input).is_dir() else "file not found"
+        raise SystemExit(f"error: --input {a.input}: {what}; expected a predictions .jsonl file")
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     try:
-        s = grader.grade_file(a.input, a.output)  # grader.grade per row: the same function as evaluation
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    print(f"graded {s['n']} rows: accuracy {100 * s['accuracy']:.2f} -> {a.output}")
+        s = grader.grade_file(a.input, a.output, skip_bad_rows=a.skip_bad_rows)  # the same grade() as evaluation
+    except grader.BadRow as e:
+        if str(e).startswith("--output"):
+            raise SystemExit(f"error: {e}") from None
+        hint = "" if a.skip_bad_rows else " (or pass --skip_bad_rows)"
+        raise SystemExit(f"error: {e}{hint}; nothing was written to {a.output}") from None
+    except OSError as e:
+        raise SystemExit(f"error: grade {a.input} -> {a.output}: {e.strerror or e}") from None
+    skipped = f", skipped {s['skipped']} bad rows" if s["skipped"] else ""
+    print(f"graded {s['n']} rows: accuracy {100 * s['accuracy']:.2f}{skipped} -> {a.output}")
 
 
 def cmd_report(argv: list[str]) -> None:
@@ -933,7 +880,7 @@ def cmd_review(argv: list[str]) -> None:
               f"`python evalmath.py review import {path} --csv {a.out}`")
         return
     n = reports.import_verdicts(result, a.csv)
-    reports.write_json_atomic(result, path)
+    write_json(path, result)
     md = reports.write_report(result, a.reports_dir)
     sm = result["summary_manual"]
     print(f"imported {n} verdicts into {path}: accuracy {100 * result['summary']['accuracy']:.2f} (auto) -> "

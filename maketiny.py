@@ -1,7 +1,7 @@
-"""make-tiny: a random-init model of a real architecture (Llama, Mistral, Qwen2) in Hugging Face format, with a
+"""A random-init model of a real architecture (Llama, Mistral, Qwen2) in Hugging Face format, with a
 tokenizer, in seconds: the models the tests, the demo and the benchmarks run on.
 
-    python model.py make-tiny --out models/tiny --arch qwen2 [--tokenizer ../shared/models/qwen2.5-0.5b]
+    python maketiny.py --out models/tiny --arch qwen2 [--tokenizer ../shared/models/qwen2.5-0.5b]
         [--hidden 64 --layers 2 --heads 4 --kv_heads 2] [--tokenizer_corpus train.jsonl --tokenizer_vocab 1024]
     make_tiny("models/tiny", arch="llama", hidden=128, layers=4)          # the same from Python
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model import _DTYPES, SUPPORTED_MODEL_TYPES, ModelArgs, Transformer, read_json
+from model import DTYPES, SUPPORTED_MODEL_TYPES, ModelArgs, Transformer, read_json
 
 _TINY_CORPUS = """\
 Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
@@ -104,7 +104,7 @@ class MakeTiny:
 
 def make_tiny(out: str | os.PathLike, arch: str = "llama", tokenizer: str | os.PathLike | None = None, seed: int = 0,
               **sizes) -> Path:
-    """Function form of `python model.py make-tiny`. `sizes` are MakeTiny fields (hidden, layers, heads, ...);
+    """Function form of `python maketiny.py`. `sizes` are MakeTiny fields (hidden, layers, heads, ...);
     any other keyword must be a ModelArgs field and overrides it (e.g. tie_word_embeddings=True). Returns out."""
     names = set(MakeTiny.__dataclass_fields__)
     extra = {k: v for k, v in sizes.items() if k not in names}
@@ -157,14 +157,14 @@ def _make_tiny(cfg: MakeTiny, extra: dict | None = None) -> Path:
                      **(kw | (extra or {})))
     model = Transformer.from_args(args, device="cpu", generator=torch.Generator().manual_seed(cfg.seed))
     model.generation_config = {k: v for k, v in gen_cfg.items() if v is not None}
-    model.save_pretrained(out, dtype=_DTYPES[cfg.dtype])
+    model.save_pretrained(out, dtype=DTYPES[cfg.dtype])
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
-    cfg = tyro.extras.subcommand_cli_from_dict({"make-tiny": MakeTiny}, args=argv, use_underscores=True)
+    cfg = tyro.cli(MakeTiny, args=argv, use_underscores=True, prog="maketiny.py")
     out = _make_tiny(cfg)
     print(json.dumps({"out": str(out), "config": asdict(cfg) | {"out": str(out), "tokenizer": str(cfg.tokenizer),
                                                               "tokenizer_corpus": [str(c) for c in cfg.tokenizer_corpus]}}))

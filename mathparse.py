@@ -319,3 +319,136 @@ def parse_math(s: str):
     if len(s) > MAX_ANSWER_CHARS:
         raise Refused("answer too long")
     return _Parser(s).parse()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain-text mathematics: unicode symbols, numbers in words, repeating decimals
+
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+_VULGAR = {"½": (1, 2), "⅓": (1, 3), "⅔": (2, 3), "¼": (1, 4), "¾": (3, 4), "⅕": (1, 5), "⅖": (2, 5),
+           "⅗": (3, 5), "⅘": (4, 5), "⅙": (1, 6), "⅚": (5, 6), "⅛": (1, 8), "⅜": (3, 8), "⅝": (5, 8), "⅞": (7, 8)}
+_UNICODE_MATH = {"−": "-", "–": "-", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ", "⋅": r"\cdot ",
+                 "π": r"\pi ", "∞": r"\infty ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "∈": r"\in ",
+                 "∪": r"\cup ", "∩": r"\cap ", "∅": r"\emptyset ", "ℝ": r"\mathbb{R}", "∖": r"\setminus ",
+                 "≈": r"\approx ", "°": r"^\circ ", "€": "", "£": "", "¥": "", "\u2009": " ", "\u202f": " ",
+                 "\u00a0": " ", "±": r"\pm ", "θ": r"\theta ", "α": r"\alpha ", "β": r"\beta "}
+
+
+_ASCII_MATH = re.compile(r"(?<![\\A-Za-z])(sqrt|pi|infinity|infty|inf|ln|log|sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan"
+                         r"|theta)(?![A-Za-z])(?=\s*[\d({\s^/*)+.,-]|$)")
+
+
+def unicode_to_latex(s: str) -> str:
+    """Plain-text/unicode maths to LaTeX: `2π` -> `2\\pi`, `x²` -> `x^{2}`, `√2/2` -> `\\sqrt{2}/2`, `0.3̅` -> `0.\\overline{3}`,
+    `3√5` -> `3\\sqrt{5}`, `4½` -> `4\\frac{1}{2}`, `−` (U+2212) -> `-`, `(−∞, 1)` -> `(-\\infty, 1)`; ASCII
+    function and constant names before maths become commands: `sqrt(2)/2`, `2*pi`, `ln(2)`, `(-infinity, 1)`."""
+    s = _ASCII_MATH.sub(lambda m: "\\infty" if m.group(1).lower().startswith("inf") else "\\" + m.group(1), s)
+    if s.isascii():
+        return s
+    s = re.sub(r"((?:\d\u0305)+)", lambda m: r"\overline{" + m.group(1).replace("\u0305", "") + "}", s)  # 0.3̅
+    s = re.sub(r"([⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+)", lambda m: "^{" + m.group(1).translate(_SUPERSCRIPTS) + "}", s)
+    s = re.sub(r"(\d?)\s*([" + "".join(_VULGAR) + "])",
+               lambda m: m.group(1) + r"\frac{{{}}}{{{}}}".format(*_VULGAR[m.group(2)]), s)
+    s = re.sub(r"([∛∜√])\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{[^{}]*\})",
+               lambda m: {"√": r"\sqrt", "∛": r"\sqrt[3]", "∜": r"\sqrt[4]"}[m.group(1)]
+               + "{" + m.group(2).strip("(){}") + "}", s)
+    s = s.replace("√", r"\sqrt ")
+    for k, v in _UNICODE_MATH.items():
+        s = s.replace(k, v)
+    return s
+
+
+_SMALL = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i >= 2}
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
+_NUM_WORD = r"(?:" + "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, reverse=True)) + r")"
+_NUM_PHRASE = re.compile(r"(?<![\w-])(?:a\s+(?=(?:hundred|thousand|million|billion)\b))?" + _NUM_WORD
+                         + r"(?:(?:[\s-]+|\s+and\s+)" + _NUM_WORD + r")*(?![\w-])", re.I)
+
+
+def words_value(phrase: str) -> int | None:
+    """'one hundred twenty' -> 120, 'forty-eight' -> 48, 'two thousand and five' -> 2005; None if the words
+    do not form one number ('one two', 'hundred five' are not numbers)."""
+    total, current, last = 0, 0, None
+    words = re.split(r"[\s-]+", phrase.lower().strip())
+    if words[0] == "a" and (len(words) < 2 or words[1] not in ("hundred", *_SCALES)):
+        return None
+    for w in words:
+        if w == "and":
+            continue
+        if w == "a" and last is None:  # 'a hundred'
+            current, last = 1, "small"
+            continue
+        if w in _SMALL:
+            if last in ("small", "teen"):
+                return None
+            if last == "tens" and (_SMALL[w] == 0 or _SMALL[w] >= 10):
+                return None
+            current += _SMALL[w]
+            last = "teen" if _SMALL[w] >= 10 else "small"
+        elif w in _TENS:
+            if last in ("small", "teen", "tens"):
+                return None
+            current += _TENS[w]
+            last = "tens"
+        elif w == "hundred":
+            if last not in ("small", "teen") or current >= 100:
+                return None
+            current *= 100
+            last = "hundred"
+        elif w in _SCALES:
+            if last is None or last == "scale" or current == 0:
+                return None
+            total += current * _SCALES[w]
+            current, last = 0, "scale"
+        else:
+            return None
+    return total + current if last is not None else None
+
+
+def words_to_digits(text: str) -> str:
+    """Numbers written in words inside prose become digits ('twelve toys' -> '12 toys'); 'one' is kept where it
+    is a pronoun ('no one', 'one of', 'one-to-one')."""
+    def repl(m: re.Match) -> str:
+        phrase = m.group(0)
+        before, after = text[max(0, m.start() - 6): m.start()].lower(), text[m.end(): m.end() + 4].lower()
+        if phrase.lower() == "one" and (re.search(r"(no|each|any|every|some|which|this|that|the)\s+$", before)
+                                        or after.startswith((" of", "-to", " to one", " another"))):
+            return phrase
+        value = words_value(phrase)
+        return phrase if value is None else str(value)
+    return _NUM_PHRASE.sub(repl, text)
+
+
+def repeating_decimal(s: str):
+    """`0.\\overline{36}`, `0.1\\overline{6}`, `0.(3)`, `0.3636...`, `0.666\\ldots` -> the exact sympy Rational;
+    None if s is not written as a repeating decimal (a trailing ellipsis needs a period seen at least twice,
+    or one digit three times)."""
+    if len(s) > 200:
+        return None
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)(?:\\overline\s*\{(\d+)\}|\\overline\s*(\d)|\((\d+)\))", s.strip())
+    if m:
+        sign, whole, pre, period = m.group(1), m.group(2) or "0", m.group(3), m.group(4) or m.group(5) or m.group(6)
+    else:
+        m = re.fullmatch(r"(-?)(\d*)\.(\d+)\s*(?:\.\.\.|\\ldots|\\cdots|\\dots|…)", s.strip())
+        if not m:
+            return None
+        sign, whole, digits = m.group(1), m.group(2) or "0", m.group(3)
+        best = None
+        for start in range(len(digits)):
+            for size in range(1, 7):
+                tail = digits[start:]
+                reps = len(tail) / size
+                if reps >= (3 if size == 1 else 2) and tail == (tail[:size] * (len(tail) // size + 1))[:len(tail)]:
+                    best = (start, size)
+                    break
+            if best:
+                break
+        if not best:
+            return None
+        pre, period = digits[:best[0]], digits[best[0]: best[0] + best[1]]
+    value = sp.Integer(int(whole)) + (sp.Rational(int(pre), 10 ** len(pre)) if pre else 0) \
+        + sp.Rational(int(period), 10 ** len(pre) * (10 ** len(period) - 1))
+    return -value if sign else value

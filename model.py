@@ -8,7 +8,6 @@ Read top to bottom:
   4. HF I/O           - from_pretrained / load_hf_weights / save_pretrained (safetensors, sharded or not)
   5. decoding         - the cache protocol Transformer.forward uses (decode.py holds the static cache and the
                         continuously batched decoder)
-  6. CLI              - `python model.py make-tiny` (random-init models of real architectures: maketiny.py)
 
 Module and parameter names equal the Hugging Face ones (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 ..., `lm_head`), so `state_dict()` keys equal the keys of HF safetensors files and no key mapping is needed.
@@ -32,7 +31,7 @@ document and never crosses one. `attn_impl` chooses the mechanism (constructor a
                       measured yet: run scripts/bench_model.py --device cuda).
 Without doc_ids the model runs plain causal SDPA (`is_causal=True`), whatever attn_impl says.
 
-CLI:  python model.py make-tiny --out DIR --arch llama|qwen2|mistral [--tokenizer DIR] [--seed 0] [--hidden 64 ...]
+Random-init models of these architectures for tests and the demo: `python maketiny.py --out DIR --arch qwen2`.
 """
 from __future__ import annotations
 
@@ -49,12 +48,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from cli import write_json
+
 # model_type -> HF architecture class name. The only types this decoder implements.
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 ATTN_IMPLS = ("auto", "sdpa_mask", "per_doc", "per_doc_padded", "flex")
 CONFIG_NAME, INDEX_NAME, SINGLE_WEIGHTS_NAME = "config.json", "model.safetensors.index.json", "model.safetensors"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(name: str, device_type: str) -> torch.dtype:
+    """auto: bfloat16 on GPU, float32 on CPU; else a name of DTYPES (float32/fp32, bfloat16/bf16, float16/fp16)."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    return DTYPES[name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,15 +407,13 @@ class Transformer(nn.Module):
         """Copies HF safetensors weights into the (already allocated) parameters, converting dtype. Errors name
         missing, unexpected and wrongly shaped keys. Parameters whose name contains any `allow_missing` substring
         (LoRA adapters by default) may be absent. Works for plain tensors and FSDP2 DTensor parameters."""
-        from safetensors import safe_open
-
         files = weight_files(Path(path))
         self.reset_buffers()  # re-tie first, so a tied lm_head.weight is not expected in the files
         params = dict(self.named_parameters(remove_duplicate=True))
         expected = {k for k in params if not any(s in k for s in allow_missing)}
         found: dict[str, Path] = {}
         for f in files:
-            with safe_open(f, framework="pt") as sf:
+            with _safe_open(f) as sf:
                 for k in sf.keys():
                     found[k] = f
         ignorable = {k for k in found if k.endswith("rotary_emb.inv_freq")
@@ -418,41 +427,22 @@ class Transformer(nn.Module):
             by_file.setdefault(found[k], []).append(k)
         with torch.no_grad():
             for f, keys in by_file.items():
-                with safe_open(f, framework="pt") as sf:
+                with _safe_open(f) as sf:
                     for k in keys:
-                        _copy_into(params[k], sf.get_tensor(k), k, f)
+                        try:
+                            t = sf.get_tensor(k)
+                        except Exception as e:  # SafetensorError: the data section is cut short
+                            raise ValueError(f"{f}: cannot read {k} ({e}): the file is truncated or damaged") from None
+                        _copy_into(params[k], t, k, f)
         self.reset_buffers()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | None = None) -> None:
-        """Writes HF format: config.json, generation_config.json (when known), model.safetensors or
-        model-0000i-of-0000n.safetensors + model.safetensors.index.json. Tied lm_head.weight is omitted."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v for k, v in self.state_dict().items()
-              if not (k == "lm_head.weight" and self.args.tie_word_embeddings)}
-        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
-        sd = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
-        shards = shard_state_dict(sd, parse_size(max_shard_size))
-        for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
-            stale.unlink(missing_ok=True)
-        if len(shards) == 1:
-            save_file(shards[0], path / SINGLE_WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, path / name, metadata={"format": "pt"})
-                weight_map |= dict.fromkeys(shard, name)
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-        stored = next(iter(sd.values())).dtype
-        cfg = self.args.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
-        write_json(path / CONFIG_NAME, cfg)
+        """Writes HF format (see save_hf_weights) and generation_config.json when known."""
+        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.state_dict().items()}
+        save_hf_weights(sd, path, self.args.to_hf_config(), max_shard_size, dtype)
         if self.generation_config is not None:
-            write_json(path / "generation_config.json", self.generation_config)
+            write_json(Path(path) / "generation_config.json", self.generation_config)
 
 
 def default_position_ids(input_ids, doc_ids, key_padding_mask) -> torch.Tensor:
@@ -518,6 +508,31 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cross_entropy: {h.shape[0]} hidden rows but {y.shape[0]} labels")
     return LinearCrossEntropy.apply(h, weight, y, max(1, chunk), compute_dtype or h.dtype)
+
+
+def head_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, autocast,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` over the positions whose label is not `ignore_index`, `chunk` rows
+    at a time, so the [tokens, vocab] logits never exist at once: linear_cross_entropy for a plain bias-free
+    Linear head (gradients computed in the forward), else checkpointed chunks through the module (a LoRA head).
+    `autocast` is the context the head runs under. Equals F.cross_entropy(head(hidden), labels, reduction="sum")."""
+    keep = labels != ignore_index
+    h, y = hidden[keep], labels[keep]
+    loss = hidden.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
+    w = getattr(head, "weight", None)
+    if type(head) is nn.Linear and head.bias is None and not hasattr(w, "device_mesh"):
+        with autocast:  # the matmul dtype autocast would use
+            cdt = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else w.dtype
+        return loss + linear_cross_entropy(h, w, y, chunk, cdt)
+
+    def chunk_ce(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            logits = head(hc)
+        return F.cross_entropy(logits.float(), yc, reduction="sum")
+
+    for i in range(0, len(y), chunk):
+        loss = loss + checkpoint(chunk_ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -632,13 +647,49 @@ def attend(q, k, v, plan: AttnPlan) -> torch.Tensor:
 def read_json(p: Path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: expected a Hugging Face model folder with {p.name}")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the "
+                         f"original file") from None
 
 
-def write_json(p: Path, d: dict) -> None:
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(d, indent=2) + "\n")
-    os.replace(tmp, p)
+def _safe_open(f: Path):
+    """safetensors.safe_open with a clear error for a truncated or non-safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(f, framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+        raise ValueError(f"{f} is not a readable safetensors file ({e}): it is truncated or damaged; download "
+                         f"or copy it again") from None
+
+
+def save_hf_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, hf_config: dict,
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
+    """HF format: config.json (`hf_config` with the stored dtype) and model.safetensors, or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json. A tied lm_head.weight is omitted."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+          for k, v in state_dict.items() if not (k == "lm_head.weight" and hf_config.get("tie_word_embeddings"))}
+    shards = shard_state_dict(sd, parse_size(max_shard_size))
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_WEIGHTS_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path / name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, name)
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    stored = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    write_json(path / CONFIG_NAME, {**hf_config, "torch_dtype": stored, "dtype": stored})
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -708,17 +759,3 @@ class CacheView(Protocol):
     max_len: int
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 6. CLI: `python model.py make-tiny ...` (the tool lives in maketiny.py)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import maketiny
-
-    maketiny.main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -98,22 +98,27 @@ class PackedLoader:
         n = len(self.rows(epoch))
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Steps of the current epoch, equal on every rank (packed row counts vary by a row or two
-        between epochs; use total_steps for a schedule)."""
-        return self.steps_in_epoch(self.epoch)
-
-    def total_steps(self, num_epochs: int) -> int:
-        return sum(self.steps_in_epoch(e) for e in range(num_epochs))
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    def plan(self, accum: int, num_epochs: int, max_steps: int = 0) -> tuple[int, int, list[int]]:
+        """The run's optimizer steps with `accum` micro-batches per step, HF Trainer semantics: (total steps,
+        steps in epoch 0, the steps at which epochs end). Total = max_steps if > 0, else the sum over epochs of
+        batches // accum; a partial accumulation carries over an epoch boundary, so epoch e ends after
+        floor(cumulative batches / accum) steps. Packed epochs differ by a row or two, so each one is planned."""
+        first = self.steps_in_epoch(0)
+        if first < accum:
+            raise DataError(f"one epoch has {first} micro-batches per rank, fewer than --gradient_accumulation_steps "
+                            f"{accum}: lower the batch size, accumulation or number of processes, or add data")
+        total = max_steps if max_steps > 0 else sum(self.steps_in_epoch(e) // accum for e in range(num_epochs))
+        ends, cum, e = [], 0, 0
+        while not ends or ends[-1] < total:
+            cum += self.steps_in_epoch(e)
+            ends.append(min(cum // accum, total))
+            e += 1
+        return total, first // accum, sorted(set(ends))
 
     @property
     def efficiency(self) -> float:
         """Real tokens / row capacity over the batches of the current epoch (all ranks)."""
-        rows, steps = self.rows(self.epoch), self.steps_per_epoch
+        rows, steps = self.rows(self.epoch), self.steps_in_epoch(self.epoch)
         real = capacity = 0
         for s in range(steps):
             for r in range(self.world_size):
@@ -159,7 +164,7 @@ class PackedLoader:
 
     def __iter__(self):
         """Yield the remaining batches of the current epoch, then move to the next epoch."""
-        while self.step < self.steps_per_epoch:
+        while self.step < self.steps_in_epoch(self.epoch):
             batch = self.batch(self.epoch, self.step)
             self.step += 1
             yield batch

@@ -119,14 +119,6 @@ def load_result(run: str | os.PathLike, eval_dir: str | os.PathLike = "outputs/e
         raise SystemExit(f"error: {path}: not a result JSON ({e})") from e
 
 
-def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- single-run report
 
 def _pct(x: float) -> str:

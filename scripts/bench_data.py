@@ -72,7 +72,7 @@ def main(a: Args) -> dict:
             loader = PackedLoader(cache, seq, a.batch_size)
             _, res[f"plan_{seq}_s"] = timed(lambda loader=loader: loader.rows(0))
             res[f"efficiency_{seq}"] = round(loader.efficiency, 4)
-            res[f"steps_per_epoch_{seq}"] = loader.steps_per_epoch
+            res[f"steps_per_epoch_{seq}"] = loader.steps_in_epoch(0)
         loader = PackedLoader(cache, 2048, a.batch_size)
         _, t = timed(lambda: sum(1 for _ in loader))
         res["loader_batches_per_s_2048"] = round(loader.steps_in_epoch(0) / t, 1)

@@ -141,7 +141,7 @@ def main(cfg: Bench) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype = M._DTYPES[cfg.dtype]
+    dtype = M.DTYPES[cfg.dtype]
     with tempfile.TemporaryDirectory() as d:
         args = M.ModelArgs(model_type="llama", vocab_size=cfg.vocab, hidden_size=cfg.hidden,
                            intermediate_size=-(-int(cfg.hidden * 8 / 3) // 64) * 64, num_hidden_layers=cfg.layers,

@@ -6,7 +6,7 @@
 
 Steps (each one is the real CLI a user would run; every command is printed and written into the report):
   1. scripts/synthetic.py   seeded two-step arithmetic word problems in GSM8K format (train/valid/test)
-  2. model.py make-tiny     a random-init ~1.5M-parameter Llama (2 layers, 1,024-wide MLP) with a BPE tokenizer
+  2. maketiny.py           a random-init ~1.5M-parameter Llama (2 layers, 1,024-wide MLP) with a BPE tokenizer
                             trained on the task's text
   3. evalmath.py            accuracy of the untrained model on the held-out test problems
   4. sft.py                 fine-tuning with interval checkpoints, validation loss and accuracy, best-by-accuracy
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         test_args = ["--dataset_file", str(synth / "test.jsonl"), "--grade_as", "gsm8k"]
         corpus = [str(synth / "train.jsonl")]
     model_dir = work / "model"
-    run([py, "model.py", "make-tiny", "--out", str(model_dir), "--tokenizer_corpus", *corpus, *MODEL], log)
+    run([py, "maketiny.py", "--out", str(model_dir), "--tokenizer_corpus", *corpus, *MODEL], log)
 
     # 3. before
     before = evaluate(py, model_dir, test_args, work, f"{job}-before", p["n_test"], log)
@@ -163,7 +163,7 @@ def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, aft
     data = a.data_dir or "synthetic two-step arithmetic word problems (GSM8K format, scripts/synthetic.py)"
     lines = [
         f"# Demo report: {Path(out).stem}", "",
-        f"Mode **{a.mode}**, preset `{a.preset}`. Data: {data}. Model: random-init Llama (model.py make-tiny).",
+        f"Mode **{a.mode}**, preset `{a.preset}`. Data: {data}. Model: random-init Llama (maketiny.py).",
         f"Trained: {trained}. Training took {s['train_seconds'] / 60:.1f} min (incl. start-up and in-training "
         f"evaluation) with {threads} on {os.cpu_count()} cores; the whole demo {s['total_seconds'] / 60:.1f} min.", "",
         "| model | test accuracy | n | no answer | avg tokens |", "| --- | --- | --- | --- | --- |",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from cli import UserError
 from data import IGNORE_INDEX, DataError
 from packing import PackedLoader
 
@@ -255,7 +256,7 @@ def test_chat_template_needs_one(shared):
 def test_config_yaml_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("datasets: [math]\nmax_seq_len: 10\n")
-    with pytest.raises(DataError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
+    with pytest.raises(UserError, match="unknown key 'max_seq_len'; did you mean 'max_seq_length'"):
         data.parse_config(["--config", str(cfg)])
     cfg.write_text("datasets: [math]\nmax_seq_length: 1024\ntemplate: tulu\n")
     c = data.parse_config(["--config", str(cfg), "--template", "plain", "--ratios", "1", "2"])
@@ -377,7 +378,7 @@ def test_resume_yields_exactly_the_remaining_batches(cache):
 
 def test_ranks_disjoint_equal_steps(cache):
     loaders = [PackedLoader(cache, 1024, 2, rank=r, world_size=2, seed=0) for r in range(2)]
-    assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch > 0
+    assert loaders[0].steps_in_epoch(0) == loaders[1].steps_in_epoch(0) > 0
     seen = [[d for b in ld for d in _docs_of(b)] for ld in loaders]
     assert len(seen[0]) == len(set(seen[0])) and not set(seen[0]) & set(seen[1])
     single = [d for b in PackedLoader(cache, 1024, 4, seed=0) for d in _docs_of(b)]
@@ -417,7 +418,7 @@ def test_unpacked_mode_and_efficiency(cache):
     assert 0.9 < packed.efficiency <= 1.0
     plain = PackedLoader(cache, 1024, 3, packing=False, drop_last=False)
     meta = json.loads((cache / "meta.json").read_text())
-    assert plain.steps_per_epoch == -(-meta["num_docs"] // 3)  # counts examples like HF
+    assert plain.steps_in_epoch(0) == -(-meta["num_docs"] // 3)  # counts examples like HF
     batches = list(plain)
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) == meta["num_trained_tokens"]
     assert all(b["input_ids"].shape[1] <= 1024 for b in batches) and 0 < plain.efficiency <= 1

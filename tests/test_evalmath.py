@@ -16,6 +16,7 @@ import torch
 
 import evalmath
 import reports
+from cli import UserError, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 3 + 4?", "Natalia sold clips to 48 of her friends in April.", "x",
@@ -110,9 +111,10 @@ def test_config_yaml_defaults_flags_override_and_bool_forms(tmp_path):
     assert evalmath.parse_config(["--cot", "false"]).cot is False
     assert evalmath.parse_config(["--cot", "true", "--num_fewshot", "8"]).cot is True
     cfg_file.write_text("max_new_token: 5\n")
-    with pytest.raises(SystemExit, match="did you mean 'max_new_tokens'"):
+    with pytest.raises(UserError, match="did you mean 'max_new_tokens'"):
         evalmath.parse_config(["--config", str(cfg_file)])
-    repo_cfg = evalmath.config_from_yaml(REPO / "configs" / "eval.yaml")  # the shipped defaults parse
+    assert evalmath.parse_config(["--merge_lora", "off"]).merge_lora is False  # the same bool forms as sft.py
+    repo_cfg = evalmath.parse_config(["--config", str(REPO / "configs" / "eval.yaml")])  # the shipped defaults parse
     assert repo_cfg.batch_size == "auto" and repo_cfg.max_new_tokens >= 256
 
 
@@ -466,7 +468,7 @@ def test_report_compare_and_manual_review(tmp_path):
                            "seed": 0, "versions": {}}}
     a, b = result("base", _items()), result("ckpt", [dict(it, correct=True) for it in _items()])
     for r in (a, b):
-        reports.write_json_atomic(r, tmp_path / "eval" / "math" / f"{r['run_id']}.json")
+        write_json(tmp_path / "eval" / "math" / f"{r['run_id']}.json", r)
     evalmath.main(["report", "base", "ckpt", "--eval_dir", str(tmp_path / "eval"),
                    "--out", str(tmp_path / "cmp.md")])
     table = (tmp_path / "cmp.md").read_text()

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from grader import (
     RELATIVE_TOLERANCE,
+    BadRow,
     Verdict,
     cut_continuation,
     extract_answer,
@@ -60,7 +66,7 @@ def test_cut_continuation():
 EQUIVALENT = [  # (prediction, gold, dataset)
     ("7,425,000", "7425000", "gsm8k"), ("$1,000.99", "1000.99", "gsm8k"), ("1 000", "1000", "gsm8k"),
     (".4", "0.4", "gsm8k"), ("1000.0", "1000", "gsm8k"), ("−5", "-5", "gsm8k"), ("1.2e3", "1200", "gsm8k"),
-    ("\\dfrac{5}{12}", "\\frac{5}{12}", "math"), ("0.41667", "\\frac{5}{12}", "math"),
+    ("\\dfrac{5}{12}", "\\frac{5}{12}", "math"), ("0.41666667", "\\frac{5}{12}", "math"),
     ("2\\sqrt{2}", "\\sqrt{8}", "math"), ("\\pi/4", "\\frac{\\pi}{4}", "math"), ("45^\\circ", "45", "math"),
     ("(-\\infty, 3]", "(-\\infty,3]", "math"), ("x \\le 3", "(-\\infty,3]", "math"),
     ("5 \\geq x", "x \\leq 5", "math"), ("-2 \\le x \\le 7", "x \\in [-2, 7]", "math"),
@@ -79,7 +85,7 @@ EQUIVALENT = [  # (prediction, gold, dataset)
     ("(5,8) and (8,5)", "(8, 5), (5, 8)", "math"), ("\\frac94\\pi", "\\frac{9}{4}\\pi", "math"),
 ]
 NOT_EQUIVALENT = [
-    ("9999", "10000", "gsm8k"), ("0.4", "4", "gsm8k"), ("0.4166", "\\frac{5}{12}", "math"),
+    ("9999", "10000", "gsm8k"), ("0.4", "4", "gsm8k"), ("0.41667", "\\frac{5}{12}", "math"),
     ("(-\\infty, 3)", "(-\\infty,3]", "math"), ("x < 3", "(-\\infty,3]", "math"), ("x > -1", "x < 1", "math"),
     ("(1, 2, 3)", "(3,2,1)", "math"), ("(7,6)", "(6,7)", "math"), ("\\{1,3\\}", "(3,1)", "math"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "math"),
@@ -101,9 +107,14 @@ def test_not_equivalent(pred, gold, dataset):
     assert not is_equiv(pred, gold, dataset)
 
 
-def test_relative_tolerance_is_documented_value():
-    assert RELATIVE_TOLERANCE == 1e-4
-    assert is_equiv("3.14159", "\\pi") and not is_equiv("3.14", "\\pi")
+def test_relative_tolerance_applies_to_decimal_golds_only():
+    # a decimal gold: agreement within RELATIVE_TOLERANCE (relative), not beyond it
+    assert is_equiv("2.0001", "2.0") and 0.0001 / 2.0 < RELATIVE_TOLERANCE
+    assert not is_equiv("2.0003", "2.0") and 0.0003 / 2.0 > RELATIVE_TOLERANCE
+    assert is_equiv("16\\pi", "50.27")  # the exact value rounds to the decimal gold
+    # an exact gold: no tolerance, however many digits
+    assert not is_equiv("3.14159", "\\pi") and not is_equiv("3.14159265358979", "\\pi")
+    assert not is_equiv("1000.0001", "1000") and is_equiv("1000.000", "1000")
 
 
 def test_normalize_answer():
@@ -119,31 +130,195 @@ def test_grade_verdicts():
     assert grade("nothing here", "3", "math").error_type == "no_answer"
 
 
-ADVERSARIAL = {
-    "10k nested braces": "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
-    "unclosed braces": "\\boxed{" * 50_000,
-    "nested parens": "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}",
-    "power tower": "\\boxed{10^{10^{10}}}",
-    "2^2^2^2^2": "\\boxed{2^{2^{2^{2^{2}}}}}",
-    "huge factorial": "\\boxed{100000!}",
-    "1 MB response": "We have $x$ and " * 70_000 + "\\boxed{5}",
-    "1 MB of dollars": "$" * 1_000_000,
-    "1 MB of \\[": "\\[" * 500_000,
-    "1 MB prose": ("the answer is " + "a" * 1000) * 1000,
-    "lone surrogates": "the answer is \ud800 5 \udfff",
-    "20k minus signs": "\\boxed{" + "-" * 20_000 + "1}",
-    "deep fractions": "\\boxed{" + "\\frac{1}{" * 3_000 + "2" + "}" * 3_000 + "}",
-    "sin of a huge number": "\\boxed{\\sin(10^{5000})}",
-    "long list": "\\boxed{" + ",".join(str(i) for i in range(300)) + "}",
+# Rule tables: realistic responses for each rule, each with near misses the rule must still reject.
+# (response, gold, dataset, correct)
+RULES = {
+    "unfinished responses are not answers": [
+        ("Each box holds 6 eggs, so 4 boxes hold 6 * 4 = 24 eggs. She gives away", "24", "gsm8k", False),
+        ("Each box holds 6 eggs, so 4 boxes hold 6 * 4 = 24 eggs, and then", "24", "gsm8k", False),
+        ("The first part costs 12 + 12 = 24", "24", "gsm8k", True),  # an equation line ending on a value
+        ("The first part costs 12 + 12 = 20 + 4", "24", "gsm8k", False),  # ... not on an expression
+        ("Each box holds 6 eggs, so 4 boxes hold 24 eggs.", "24", "gsm8k", True),
+        ("We have $a = 3$ and so $a^2 =", "9", "math", False),
+        ("Since $a = 3$, we get $a^2 = 9$.", "9", "math", True),
+        ("The sum is $1 + 2 + 3 = 6$, and multiplying by the next term gives", "6", "math", False),
+        ("Final Answer: The final answer is $", "6", "math", False),
+        ("So the answer is \\boxed{6", "6", "math", False),
+        ("The product is $\\frac{3}{4} \\cdot \\frac{8}{9} = \\frac{2}{3}$ and the next factor is", "\\frac23", "math", False),
+        ("The son is 14 years old, and Raymond", "14", "gsm8k", False),
+        ("14", "14", "gsm8k", True),  # a bare answer is finished
+    ],
+    "cut off at max_new_tokens (truncated flag)": [
+        ("So 6 * 4 = 24 eggs in the boxes. Next", "24", "gsm8k", False),
+        ("So 6 * 4 = 24 eggs in total.", "24", "gsm8k", False),  # flag set: no marker, no credit
+        ("So 6 * 4 = 24 eggs in total. The answer is 24.", "24", "gsm8k", True),  # marker before the cut
+        ("Therefore the area is $\\boxed{24}$. Let me double-check by", "24", "math", True),
+    ],
+    "decimal approximations of exact golds are wrong": [
+        ("The length is $\\boxed{2.236}$.", "\\sqrt{5}", "math", False),
+        ("The length is $\\boxed{2.2360679775}$.", "\\sqrt{5}", "math", False),
+        ("The length is $\\boxed{\\sqrt{5}}$.", "\\sqrt{5}", "math", True),
+        ("The limit is $e^3 \\approx 20.09$.", "e^3", "math", True),  # the exact value is stated first
+        ("The limit is approximately 20.09.", "e^3", "math", False),
+        ("So the probability is 0.4.", "\\frac{2}{5}", "math", True),  # terminating: exactly equal
+        ("So the probability is 0.43.", "\\frac{3}{7}", "math", False),
+        ("So the probability is 0.42857143.", "\\frac{3}{7}", "math", True),  # >= 8 digits of a repeating expansion
+        ("So the probability is 0.4285714.", "\\frac{3}{7}", "math", False),  # 7 digits: an approximation
+        ("So the probability is 0.42857144.", "\\frac{3}{7}", "math", False),  # ... off by one in the last place
+        ("The answer is 1000.01.", "1000", "gsm8k", False),
+        ("The answer is 12.50.", "12.5", "gsm8k", True),
+        ("The answer is 12.5001.", "12.5", "gsm8k", True),  # decimal gold: relative tolerance 1e-4
+        ("The answer is 12.51.", "12.5", "gsm8k", False),
+    ],
+    "plain-text and unicode maths": [
+        ("The period of the function is 2π.", "2\\pi", "math", True),
+        ("The period of the function is π.", "2\\pi", "math", False),
+        ("So the volume is 36π cm³.", "36\\pi", "math", True),
+        ("So the volume is 36 cm³.", "36\\pi", "math", False),
+        ("The solution set is (−∞, 1) ∪ (2, ∞).", "(-\\infty,1)\\cup(2,\\infty)", "math", True),
+        ("The solution set is (−∞, 1] ∪ (2, ∞).", "(-\\infty,1)\\cup(2,\\infty)", "math", False),
+        ("The distance is 2√13.", "2\\sqrt{13}", "math", True),
+        ("The distance is √13.", "2\\sqrt{13}", "math", False),
+        ("f′(x) simplifies to 3x² − 2x.", "3x^2-2x", "math", True),
+        ("It simplifies to 3x² + 2x.", "3x^2-2x", "math", False),
+        ("The result is 12 ÷ 4 × 3 = 9.", "9", "math", True),
+        ("The angle is 120°.", "120^\\circ", "math", True),
+        ("The angle is 60°.", "120^\\circ", "math", False),
+        ("Each side is ¾ of a metre.", "\\frac34", "math", True),
+        ("The domain is x ∈ ℝ \\ {0}.", "(-\\infty,0)\\cup(0,\\infty)", "math", True),
+        ("The domain is {x | x ≠ 0}.", "(-\\infty,0)\\cup(0,\\infty)", "math", True),
+        ("The domain is {x | x ≠ 1}.", "(-\\infty,0)\\cup(0,\\infty)", "math", False),
+        ("As a decimal it is 0.3̅.", "\\frac13", "math", True),
+        ("As a decimal it is 0.3.", "\\frac13", "math", False),
+        ("The answer is sqrt(2)/2.", "\\frac{\\sqrt2}{2}", "math", True),
+        ("The answer is sqrt(3)/2.", "\\frac{\\sqrt2}{2}", "math", False),
+        ("The interval is (-infinity, 1).", "(-\\infty,1)", "math", True),
+        ("The interval is (-infinity, 1].", "(-\\infty,1)", "math", False),
+        ("The answer is 2*pi.", "2\\pi", "math", True),
+        ("The answer is 2*pi/3.", "2\\pi", "math", False),
+    ],
+    "equivalent forms": [
+        ("The answer is $3\\frac{1}{3}$.", "\\frac{10}{3}", "math", True),
+        ("The answer is 3 1/3.", "\\frac{10}{3}", "math", True),
+        ("The answer is 31/3.", "\\frac{10}{3}", "math", False),  # not a mixed number
+        ("The answer is 3 2/3.", "\\frac{10}{3}", "math", False),
+        ("So $x = \\boxed{0.\\overline{27}}$.", "\\frac{3}{11}", "math", True),
+        ("So $x = \\boxed{\\frac{3}{11}}$.", "0.\\overline{27}", "math", True),
+        ("So $x = 0.272727\\ldots$.", "\\frac{3}{11}", "math", True),
+        ("So $x = \\boxed{0.27}$.", "\\frac{3}{11}", "math", False),
+        ("So $x = \\boxed{0.\\overline{72}}$.", "\\frac{3}{11}", "math", False),
+        ("The domain is $\\boxed{\\mathbb{R} \\setminus \\{2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", True),
+        ("The domain is $\\boxed{\\mathbb{R} \\setminus \\{-2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", False),
+        ("The domain is $\\boxed{\\{x \\mid x \\neq 2\\}}$.", "(-\\infty,2)\\cup(2,\\infty)", "math", True),
+        ("$\\boxed{\\{x : x \\le 0 \\text{ or } x \\ge 4\\}}$", "(-\\infty,0]\\cup[4,\\infty)", "math", True),
+        ("$\\boxed{\\{x : x < 0 \\text{ or } x \\ge 4\\}}$", "(-\\infty,0]\\cup[4,\\infty)", "math", False),
+        ("$\\boxed{\\{x : 0 < x \\text{ and } x < 4\\}}$", "(0,4)", "math", True),
+        ("The equation has no real solutions.", "\\emptyset", "math", True),
+        ("$\\boxed{\\varnothing}$", "\\text{no solution}", "math", True),
+        ("$\\boxed{\\{0\\}}$", "\\emptyset", "math", False),
+        ("So $\\boxed{p = 4, q = -1}$.", "(4,-1)", "math", True),
+        ("So $\\boxed{q = -1, p = 4}$.", "(4,-1)", "math", True),
+        ("So $\\boxed{p = -1, q = 4}$.", "(4,-1)", "math", False),
+        ("The solutions are $x = 3$ and $x = -7$.", "-7, 3", "math", True),
+        ("The solutions are $x = -7$ and $x = 3$.", "3, -7", "math", True),
+        ("The solutions are $x = 7$ and $x = -3$.", "-7, 3", "math", False),
+        ("The solutions are $x = 3$ and $x = -7$ and $x = 0$.", "-7, 3", "math", False),
+        ("Therefore \\boxed{\\boxed{\\frac{1}{2}}}", "\\frac12", "math", True),
+        ("Therefore \\boxed{\\boxed{\\frac{1}{3}}}", "\\frac12", "math", False),
+        ("The domain is all real numbers except 0.", "(-\\infty,0)\\cup(0,\\infty)", "math", True),
+        ("The domain is all real numbers except 0 and 1.", "(-\\infty,0)\\cup(0,\\infty)", "math", False),
+        ("The domain is all real numbers.", "(-\\infty,0)\\cup(0,\\infty)", "math", False),
+        ("The decimal is 0.(45).", "\\frac{5}{11}", "math", True),
+        ("The decimal is 0.(54).", "\\frac{5}{11}", "math", False),
+    ],
+    "words": [
+        ("Yes. Every bounded monotone sequence converges.", "\\text{Yes}", "math", True),
+        ("No. Every bounded monotone sequence converges.", "\\text{Yes}", "math", False),
+        ("**No**, the function is not injective since $f(1) = f(-1)$.", "\\text{No}", "math", True),
+        ("Not quite: it is injective.", "\\text{No}", "math", False),
+        ("The number of diagonals is twenty.", "20", "math", True),
+        ("The number of diagonals is twenty-one.", "20", "math", False),
+        ("She read one hundred forty pages.", "140", "gsm8k", True),
+        ("She read one hundred fourteen pages.", "140", "gsm8k", False),
+        ("The side is $\\boxed{7 \\text{ ft}}$.", "7\\text{ feet}", "math", True),
+        ("The side is $\\boxed{7 \\text{ in.}}$.", "7\\text{ feet}", "math", False),
+        ("The area is 20 square inches.", "20\\text{ in}^2", "math", True),
+        ("The perimeter is 20 inches.", "20\\text{ in}^2", "math", False),
+        ("The function is odd.", "\\text{odd}", "math", True),
+        ("The function is neither even nor odd.", "\\text{odd}", "math", False),
+        ("There are a hundred students.", "100", "gsm8k", True),
+        ("There are a thousand students.", "100", "gsm8k", False),
+        ("The angle measures 30 degrees.", "30^\\circ", "math", True),
+        ("The angle measures 30 radians.", "30^\\circ", "math", False),
+    ],
+    "final statement without a marker": [
+        ("Each ticket costs $8. For 5 tickets, she pays $40.", "40", "gsm8k", True),
+        ("Each ticket costs $8. For 5 tickets, she pays $45.", "40", "gsm8k", False),
+        ("The area is 12 cm².", "12", "math", True),
+        ("The area is 12 cm², about 2 cm² more than before.", "2", "math", False),
+        ("After 3 weeks, he has saved 75 dollars.", "75", "gsm8k", True),
+        ("After 75 weeks, he has saved 3 dollars.", "75", "gsm8k", False),
+        ("He needs 9 more stamps to fill 4 pages.", "9", "gsm8k", True),
+        ("So $7 \\cdot 6 = 42$ handshakes happen in total.", "42", "math", True),
+        ("With $n = 5$ we get $f(5) = 31$.", "31", "math", True),
+        ("With $n = 31$ we get $f(31) = 5$.", "31", "math", False),
+        ("Dividing, 9 ÷ 4 = 2.25, so she needs 3 buses.", "3", "gsm8k", True),
+        ("Dividing, 9 ÷ 4 = 2.25, so she needs 3 buses.", "2.25", "gsm8k", False),
+    ],
+}
+TRUNCATED_FLAG = "cut off at max_new_tokens (truncated flag)"
+
+
+@pytest.mark.parametrize("rule,response,gold,dataset,expected",
+                         [(rule, *case) for rule, cases in RULES.items() for case in cases],
+                         ids=[f"{rule[:20]}-{k}" for rule, cases in RULES.items() for k in range(len(cases))])
+def test_rule_tables(rule, response, gold, dataset, expected):
+    v = grade(response, gold, dataset, truncated=rule == TRUNCATED_FLAG)
+    assert v.correct is expected, v
+
+
+def test_every_rule_rejects_near_misses():
+    for rule, cases in RULES.items():
+        labels = [c[3] for c in cases]
+        assert labels.count(True) >= 1 and labels.count(False) >= 1, rule
+
+
+ADVERSARIAL = {  # name: (response, expected verdict with gold "5"); a real answer is hidden in some of them
+    "10k nested braces": ("\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}", False),
+    "unclosed braces": ("\\boxed{" * 50_000, False),
+    "nested parens": ("\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}", False),
+    "power tower": ("\\boxed{10^{10^{10}}}", False),
+    "2^2^2^2^2": ("\\boxed{2^{2^{2^{2^{2}}}}}", False),
+    "huge factorial": ("\\boxed{100000!}", False),
+    "1 MB response, answer at the end": ("We have $x$ and " * 70_000 + "\\boxed{5}", True),
+    "1 MB of dollars": ("$" * 1_000_000, False),
+    "1 MB of \\[": ("\\[" * 500_000, False),
+    "1 MB prose": (("the answer is " + "a" * 1000) * 1000, False),
+    "1 MB prose, answer at the end": (("we note " + "a" * 1000 + ". ") * 1000 + "The answer is 5.", True),
+    "1 MB of number words": ("one two three " * 80_000 + "So the answer is five.", True),
+    "1 MB of unicode maths": ("√π²×−∞ " * 150_000 + "The answer is 5.", True),
+    "lone surrogates around the answer": ("the answer is 5 \ud800.", True),
+    "lone surrogates, wrong answer": ("the answer is \ud800 6 \udfff.", False),
+    "20k minus signs": ("\\boxed{" + "-" * 20_000 + "1}", False),
+    "deep fractions": ("\\boxed{" + "\\frac{1}{" * 3_000 + "2" + "}" * 3_000 + "}", False),
+    "sin of a huge number": ("\\boxed{\\sin(10^{5000})}", False),
+    "long list": ("\\boxed{" + ",".join(str(i) for i in range(300)) + "}", False),
+    "set-builder bomb": ("\\boxed{\\{x \\mid " + " or ".join(f"x > {i}" for i in range(300)) + "\\}}", False),
+    "repeating-decimal bomb": ("The answer is 0." + "123456" * 20_000 + "...", False),
+    "final-statement bomb": ("So x is " + "= " * 100_000 + "5 and", False),
 }
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
-def test_adversarial_inputs_return_a_verdict(name):
+def test_adversarial_inputs_get_the_right_verdict_within_2s(name):
+    response, expected = ADVERSARIAL[name]
     for dataset in ("math", "gsm8k"):
-        v = grade(ADVERSARIAL[name], "5", dataset)
-        assert isinstance(v, Verdict)
-        assert v.correct == (name == "1 MB response") or name == "lone surrogates"
+        t0 = time.perf_counter()
+        v = grade(response, "5", dataset)
+        elapsed = time.perf_counter() - t0
+        assert isinstance(v, Verdict) and v.correct is expected, (dataset, v)
+        assert (v.error_type is None) is expected  # a verdict, with a reason when it is not correct
+        assert elapsed <= 2.0, f"{name} ({dataset}): {elapsed:.2f} s"
 
 
 def test_refused_huge_values_are_not_equal_to_small_ones():
@@ -154,16 +329,102 @@ def test_refused_huge_values_are_not_equal_to_small_ones():
 def test_grade_file_roundtrip(tmp_path):
     rows = [{"id": "a", "dataset": "gsm8k", "response": "... #### 72", "gold": "72"},
             {"id": "b", "dataset": "math", "response": "so \\boxed{\\frac{1}{2}}", "gold": "0.5"},
-            {"id": "c", "dataset": "math", "response": "no idea", "gold": "3"}]
+            {"id": "c", "dataset": "math500", "response": "no idea", "gold": "3"},
+            {"id": "d", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": 64,
+             "finish_reason": "length"},
+            {"id": "e", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": 64,
+             "finish_reason": "stop"},
+            {"id": "f", "dataset": "gsm8k", "response": "We get 12 * 3 = 36 and 36 + 28 = 64", "gold": "64",
+             "truncated": True}]
     inp, out = tmp_path / "preds.jsonl", tmp_path / "verdicts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = grade_file(str(inp), str(out))
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert summary["correct"] == 2 and summary["n"] == 3
+    assert summary == {"n": 6, "correct": 3, "accuracy": 0.5, "skipped": 0}
     assert got[2] == {"id": "c", "correct": False, "extracted": None, "error_type": "no_answer"}
-    inp.write_text('{"id": "x"}\n')
-    with pytest.raises(ValueError, match="preds.jsonl:1"):
+    assert [g["error_type"] for g in got[3:]] == ["truncated", None, "truncated"]  # finish_reason / truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl", "verdicts.jsonl"]  # no temp file left
+
+
+BAD_ROWS = {  # line -> the words the error must contain
+    '{"id": "x"}': "missing field(s) dataset, response, gold",
+    '{"dataset": "math", "response": "1", "gold": "1"}': "missing field(s) id",
+    '{"id": 1, "dataset": "mmlu", "response": "1", "gold": "1"}': "unknown dataset 'mmlu'",
+    '{"id": 1, "dataset": "math", "response": "1", "gold": "1", "finish_reason": "cut"}': "unknown finish_reason",
+    '{"id": 1, "dataset": "math", "response": "1", "gold": "1", "truncated": "yes"}': "truncated must be",
+    '{"id": 1, "dataset": "math", "response": 5, "gold": "1"}': "response must be a string",
+    "not json at all": "not valid JSON",
+    '["a", "list"]': "expected a JSON object",
+}
+
+
+@pytest.mark.parametrize("line", list(BAD_ROWS))
+def test_grade_file_bad_rows_name_the_line_or_are_skipped(tmp_path, line):
+    good = json.dumps({"id": "g", "dataset": "math", "response": "\\boxed{1}", "gold": "1"})
+    inp, out = tmp_path / "preds.jsonl", tmp_path / "verdicts.jsonl"
+    inp.write_text(good + "\n\n" + line + "\n" + good + "\n")
+    out.write_text("previous verdicts\n")
+    with pytest.raises(BadRow, match="preds.jsonl:3: ") as e:
         grade_file(str(inp), str(out))
+    assert BAD_ROWS[line] in str(e.value)
+    assert out.read_text() == "previous verdicts\n"  # a failed grade leaves the old output as it was
+    assert grade_file(str(inp), str(out), skip_bad_rows=True) == {"n": 2, "correct": 2, "accuracy": 1.0, "skipped": 1}
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_grade_file_refuses_to_overwrite_its_input(tmp_path):
+    inp = tmp_path / "preds.jsonl"
+    inp.write_text(json.dumps({"id": "g", "dataset": "math", "response": "\\boxed{1}", "gold": "1"}) + "\n")
+    before = inp.read_bytes()
+    for out in (inp, tmp_path / "." / "preds.jsonl"):
+        with pytest.raises(BadRow, match="is the input file"):
+            grade_file(str(inp), str(out))
+    assert inp.read_bytes() == before
+
+
+def _grade_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "evalmath.py"), "grade", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+CLI_FAILURES = {  # name: (input lines, extra args, words of the one error line)
+    "output is the input": (['{"id": 1, "dataset": "math", "response": "\\\\boxed{1}", "gold": "1"}'],
+                            ["--output", "preds.jsonl"], "is the input file"),
+    "not JSON": (["{oops"], [], "preds.jsonl:1: not valid JSON"),
+    "row without id": (['{"dataset": "math", "response": "1", "gold": "1"}'], [], "preds.jsonl:1: missing field(s) id"),
+    "unknown dataset": (['{"id": 1, "dataset": "aime", "response": "1", "gold": "1"}'], [],
+                        "preds.jsonl:1: unknown dataset 'aime'"),
+    "missing gold on line 2": (['{"id": 1, "dataset": "math", "response": "1", "gold": "1"}',
+                                '{"id": 2, "dataset": "math", "response": "1"}'], [], "preds.jsonl:2: missing field(s) gold"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_FAILURES))
+def test_grade_cli_bad_input_is_one_line_and_keeps_existing_output(tmp_path, name):
+    lines, extra, words = CLI_FAILURES[name]
+    (tmp_path / "preds.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "verdicts.jsonl").write_text("old verdicts\n")
+    before = (tmp_path / "preds.jsonl").read_text()
+    r = _grade_cli(tmp_path, "--input", "preds.jsonl", *(extra or ["--output", "verdicts.jsonl"]))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr
+    assert (tmp_path / "preds.jsonl").read_text() == before  # input never wiped
+    assert (tmp_path / "verdicts.jsonl").read_text() == "old verdicts\n"  # a failed grade truncates nothing
+
+
+def test_grade_cli_skip_bad_rows_counts_them(tmp_path):
+    rows = ['{"id": 1, "dataset": "gsm8k", "response": "The answer is 7.", "gold": "7"}', "{oops",
+            '{"dataset": "math", "response": "1", "gold": "1"}',
+            '{"id": 4, "dataset": "gsm8k", "response": "So she pays 8 * 5 + 8 * 3 = 64", "gold": "64", '
+            '"finish_reason": "length"}']
+    (tmp_path / "preds.jsonl").write_text("\n".join(rows) + "\n")
+    r = _grade_cli(tmp_path, "--input", "preds.jsonl", "--output", "out/verdicts.jsonl", "--skip_bad_rows")
+    assert r.returncode == 0, r.stderr
+    assert "graded 2 rows: accuracy 50.00, skipped 2 bad rows" in r.stdout
+    got = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
+    assert [(g["id"], g["correct"], g["error_type"]) for g in got] == [(1, True, None), (4, False, "truncated")]
 
 
 def test_dev_cases_accuracy(shared):

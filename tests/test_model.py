@@ -241,7 +241,9 @@ def test_make_tiny_loads_in_transformers_and_is_deterministic(tmp_path):
 def test_make_tiny_cli_with_a_copied_tokenizer(shared, tmp_path):
     from transformers import AutoTokenizer
 
-    M.main(["make-tiny", "--out", str(tmp_path), "--arch", "mistral", "--tokenizer",
+    import maketiny
+
+    maketiny.main(["--out", str(tmp_path), "--arch", "mistral", "--tokenizer",
             str(shared / "models/gpt2"), "--hidden", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1"])
     tok = AutoTokenizer.from_pretrained(tmp_path)
     m = M.Transformer.from_pretrained(tmp_path)

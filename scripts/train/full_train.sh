@@ -17,9 +17,8 @@ mkdir -p "$output_dir"
 training_args="$base_training_args \
 --lora False \
 --model_name_or_path $model_path \
---output_dir $output_dir \
+--output_dir $output_dir --log_file false \
 --train_files ${train_files[@]} $*"
 
 echo "$header $training_args"
-export MATHSFT_LOG_TEED=1  # sft.py leaves train.log to the tee below
 eval "$header" "$training_args" 2>&1 | tee "$output_dir/train.log"

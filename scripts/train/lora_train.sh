@@ -3,7 +3,7 @@
 #   bash scripts/train/lora_train.sh "train1.jsonl train2.jsonl" MODEL_PATH JOB_NAME
 # Writes OUTPUT_ROOT/JOB_NAME (default outputs/checkpoints/JOB_NAME) with checkpoint-{step}/ folders
 # that LESS's get_info reads (adapter, tokenizer files, name-keyed optimizer.bin); stdout and stderr
-# are tee'd into $output_dir/train.log. Extra flags after the three arguments are appended (last wins).
+# are tee'd into $output_dir/train.log (sft.py runs with --log_file false). Extra flags after the three arguments are appended (last wins).
 set -o pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/base_training_args.sh"
 
@@ -25,9 +25,8 @@ fi
 
 training_args="$base_training_args \
 --model_name_or_path $model_path \
---output_dir $output_dir \
+--output_dir $output_dir --log_file false \
 --train_files ${train_files[@]} $*"
 
 echo "$header $training_args"
-export MATHSFT_LOG_TEED=1  # sft.py leaves train.log to the tee below
 eval "$header" "$training_args" 2>&1 | tee "$output_dir/train.log"
