@@ -28,6 +28,7 @@ import numpy as np
 IGNORE_INDEX = -100  # label value that the loss ignores (the one definition in the project)
 REPO = Path(__file__).resolve().parent
 CACHE_VERSION = 1  # bump when the cache layout or tokenization logic changes
+TOKENIZE_CHUNK = 5000  # rows rendered and encoded per progress update
 NAMED = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",)}
 
 
@@ -117,9 +118,17 @@ def _read_rows(path: Path, skip_bad_rows: bool, problems: list | None):
         for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield f"{path}:{i}", row
         return
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    n, offset = 0, 0
+    with open(path, "rb") as f:  # bytes, so a line that is not UTF-8 is reported with its byte offset
+        for i, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                _bad(f"{path}:{i}", f"not UTF-8 text at byte offset {start + e.start} of the file "
+                     f"({raw[e.start:e.start + 4]!r}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                     skip_bad_rows, problems)
+                continue
             if not line.strip():
                 continue
             try:
@@ -444,19 +453,34 @@ def _encode(texts: list[str], tokenizer, add_special: bool, num_proc: int, token
 
 
 def tokenize_records(records: list[dict], template: Template, tokenizer, max_seq_length: int,
-                     truncation: str = "truncate", num_proc: int = 1, tokenizer_path=None) -> dict:
+                     truncation: str = "truncate", num_proc: int = 1, tokenizer_path=None,
+                     progress=None) -> dict:
     """Render and tokenize the full text once; a token is trained when its first character lies in a
-    trained segment (completion, EOS included). Returns tokens, masks, kept indices and counts."""
+    trained segment (completion, EOS included). Returns tokens, masks, kept indices and counts.
+    `progress(done, total)` is called after each chunk of rows."""
     if truncation not in ("truncate", "drop"):
         raise DataError(f"--truncation must be 'truncate' or 'drop', not {truncation!r}")
+    chunk = TOKENIZE_CHUNK if num_proc <= 1 else max(len(records), 1)  # one process pool for num_proc > 1
+    tokens, masks, kept, stats = [], [], [], Counter()
+    for lo in range(0, len(records), chunk):
+        _tokenize_chunk(records[lo:lo + chunk], lo, template, tokenizer, max_seq_length, truncation, num_proc,
+                        tokenizer_path, (tokens, masks, kept, stats))
+        if progress is not None:
+            progress(min(lo + chunk, len(records)), len(records))
+    return {"tokens": tokens, "masks": masks, "kept": kept, "stats": dict(stats)}
+
+
+def _tokenize_chunk(records, first: int, template, tokenizer, max_seq_length, truncation, num_proc,
+                    tokenizer_path, out) -> None:
+    """tokenize_records on records[first:first + len(records)]: appends to out = (tokens, masks, kept, stats)."""
+    tokens, masks, kept, stats = out
     texts, bounds = [], []
     for rec in records:
         segs = render_example(template, rec, tokenizer)
         texts.append("".join(t for t, _ in segs))
         bounds.append((np.cumsum([len(t) for t, _ in segs]), np.array([f for _, f in segs], dtype=np.uint8)))
     encs = _encode(texts, tokenizer, template.add_special_tokens, num_proc, tokenizer_path) if texts else []
-    tokens, masks, kept, stats = [], [], [], Counter()
-    for i, ((ids, starts), (ends, flags)) in enumerate(zip(encs, bounds)):
+    for i, ((ids, starts), (ends, flags)) in enumerate(zip(encs, bounds), first):
         mask = flags[np.minimum(np.searchsorted(ends, starts, side="right"), len(flags) - 1)]
         if len(ids) > max_seq_length:
             stats["truncated" if truncation == "truncate" else "dropped"] += 1
@@ -468,7 +492,6 @@ def tokenize_records(records: list[dict], template: Template, tokenizer, max_seq
         tokens.append(ids)
         masks.append(mask)
         kept.append(i)
-    return {"tokens": tokens, "masks": masks, "kept": kept, "stats": dict(stats)}
 
 
 def write_token_cache(out: Path, tok: dict, meta: dict) -> None:
@@ -664,11 +687,13 @@ def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "da
             skip_bad_rows: bool = False, valid_fraction: float = 0.05,
             split_ratios: list[float] | None = None, math_levels: list[int] | None = None,
             math_sample: int | None = None, num_proc: int = 1,
-            prompts_dir: str | Path = REPO / "data" / "prompts") -> Path:
+            prompts_dir: str | Path = REPO / "data" / "prompts", progress: bool = True) -> Path:
     """Build (or reuse) the cache; return <out_dir>/<key>/<split> ('train' or 'valid').
     The folder holds tokens.npy, loss_mask.npy, doc_offsets.npy and meta.json (it is absent when the
     split is empty, e.g. valid_fraction=0); the key folder also holds records/{train,valid,test}.jsonl
-    and report.{json,md}."""
+    and report.{json,md}. Every split's meta.json counts `skipped_rows` (bad rows skipped with
+    --skip_bad_rows) and `truncated` / `dropped` examples; `progress` prints tokenization progress and
+    those counts (summary_line) to stderr."""
     if split not in ("train", "valid"):
         raise DataError(f"split must be 'train' or 'valid' (test is evaluated from records), not {split!r}")
     if not sources:
@@ -687,17 +712,55 @@ def prepare(sources: list[str], split: str = "train", data_dir: str | Path = "da
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=out_dir))
         try:
-            _build(tmp, key, sources, data_dir, tokenizer_path, tpl, settings, num_proc)
+            _build(tmp, key, sources, data_dir, tokenizer_path, tpl, settings, num_proc, progress)
             os.rename(tmp, root)  # atomic publish; a concurrent run that won keeps its copy
         except OSError:
             if not root.exists():
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    elif progress:
+        _say(f"data: reusing the cache {root}")
+    if progress:
+        _say(summary_line(root))
     return root / split
 
 
-def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template, st: dict, num_proc: int):
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(what: str, enabled: bool, every_s: float = 2.0):
+    """progress(done, total) for tokenize_records: a line at the first chunk, every `every_s`, and at the end."""
+    t0, last = time.time(), [None]
+
+    def show(done: int, total: int) -> None:
+        now = time.time()
+        if enabled and (last[0] is None or done == total or now - last[0] >= every_s):
+            last[0] = now
+            _say(f"data: tokenizing {what}: {done:,}/{total:,} rows ({now - t0:.1f}s)")
+    return show
+
+
+def summary_line(root: str | Path) -> str:
+    """One line on a cache's contents (`data: ` + report_counts of its report.json)."""
+    return "data: " + report_counts(json.loads((Path(root) / "report.json").read_text()))
+
+
+def report_counts(report: dict) -> str:
+    """Examples per split, bad rows skipped and examples truncated or dropped (a data cache's report.json);
+    prepare prints it, sft.py writes it into train.log."""
+    parts = [f"{n:,} {s}" for s, n in report.get("sizes", {}).items()]
+    bad = len(report.get("malformed_rows", [])) + len(report.get("empty_fields", []))
+    parts.append(f"{bad} bad rows skipped")
+    for split, st in report.get("tokenized", {}).items():
+        parts += [f"{st[k]} {split} examples {k} (longer than --max_seq_length)" for k in ("truncated", "dropped")
+                  if st.get(k)]
+    return ", ".join(parts) + " (details: report.md in the data cache)"
+
+
+def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template, st: dict, num_proc: int,
+           progress: bool = False):
     t0 = time.time()
     problems: list[dict] = []
     per = {s: _split_source(s, _source_splits(s, data_dir), data_dir, st["seed"], st["valid_fraction"],
@@ -725,9 +788,10 @@ def _build(tmp: Path, key: str, sources, data_dir, tokenizer_path, tpl: Template
     for split, recs in splits.items():
         if split != "test" and recs:  # an empty split gets no token folder
             out = tokenize_records(recs, tpl, tok, st["max_seq_length"], st["truncation"], num_proc,
-                                   tokenizer_path)
+                                   tokenizer_path, _progress(split, progress))
             recs = [recs[i] for i in out["kept"]]
-            write_token_cache(tmp / split, out, {**base_meta, "split": split})
+            skipped = len(report["malformed_rows"]) + len(report["empty_fields"])
+            write_token_cache(tmp / split, out, {**base_meta, "split": split, "skipped_rows": skipped})
             report["tokenized"][split] = {"docs": len(recs), **out["stats"]}
         with open(tmp / "records" / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
@@ -776,16 +840,15 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] != "prepare":
         raise SystemExit("usage: python data.py prepare [--config configs/data_gsm8k.yaml] [flags]; "
                          "see python data.py prepare --help")
-    try:
-        cfg = parse_config(argv[1:])
-        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-        t0 = time.time()
-        path = prepare(kw.pop("datasets"), tokenizer_path=kw.pop("tokenizer"), **kw)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = parse_config(argv[1:])
+    kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    t0 = time.time()
+    path = prepare(kw.pop("datasets"), tokenizer_path=kw.pop("tokenizer"), **kw)
     print((path.parent / "report.md").read_text())
     print(f"cache: {path.parent} ({time.time() - t0:.2f}s)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import cli
+
+    cli.run_main(main, user_errors=(DataError,))

@@ -2,9 +2,10 @@
 
     python evalmath.py --model PATH [--adapter PATH] --datasets gsm8k math math500 [--limit N] ...
     python evalmath.py --config configs/eval.yaml --model PATH --datasets gsm8k   # YAML defaults, flags win
+    python evalmath.py --model outputs/checkpoints/JOB --datasets gsm8k          # run folder: checkpoint-best
     torchrun --standalone --nproc_per_node 2 evalmath.py --model PATH ...        # data-parallel: same results
     python evalmath.py grade --input preds.jsonl --output verdicts.jsonl          # re-grade without a model
-    python evalmath.py report RUN [RUN ...] [--out docs/reports/compare.md]       # one table over runs
+    python evalmath.py report RUN [RUN ...] [--out outputs/reports/cmp.md]       # table + charts
     python evalmath.py review export RUN --out failures.csv                       # manual review
     python evalmath.py review import RUN --csv corrected.csv
 
@@ -17,7 +18,7 @@ Read top to bottom:
   4. decoding   - decode.py's continuously batched static-cache decoder, stop strings, n samples, progress
   5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
   6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
-  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + docs/reports/<run_id>.md
+  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
   8. CLI        - the plain form and the grade / report / review subcommands
 
 Model output is untrusted text: it is only matched with regexes and handed to grader.py (which never
@@ -45,7 +46,7 @@ import torch
 
 import cli
 import reports
-from cli import Bool, write_json
+from cli import Bool, UserError, write_json
 from model import pick_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -241,7 +242,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda
     merge_lora: Bool = True  # fold the adapter into the weights before decoding (faster, same outputs)
     output_dir: str = "outputs/eval"
-    reports_dir: str = "docs/reports"
+    reports_dir: str = "outputs/reports"  # git-ignored; docs/reports holds the committed example reports
     write_report: Bool = True
     run_name: str | None = None  # replaces the model name in the default run_id
     run_id: str | None = None  # default: <run_name or model>-<dataset>-<protocol>-<YYYYmmdd-HHMMSS>
@@ -264,16 +265,26 @@ class ModelSource:
     tokenizer: Path
     template: str | None
     template_from: str | None  # the file the template name was read from
+    checkpoint: Path | None = None  # the checkpoint picked in a run folder (checkpoint-best, else latest)
+    fine_tuned_from: str | None = None  # a full checkpoint's base model, from its trainer_state.json
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """In an sft.py run folder: the checkpoint `checkpoint-best` links to, else the one `latest` names."""
+    best = folder / "checkpoint-best"
+    if best.is_dir():
+        return folder / os.readlink(best) if best.is_symlink() else best
+    latest = folder / "latest"
+    if latest.is_file() and (folder / latest.read_text().strip()).is_dir():
+        return folder / latest.read_text().strip()
+    return None
 
 
 def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"error: {flag} {p}: no such file or folder")
-    latest = p / "latest"  # an sft job folder: `latest` names its newest complete checkpoint
-    if latest.is_file() and (p / latest.read_text().strip()).is_dir():
-        p = p / latest.read_text().strip()
-    return p
+    return run_checkpoint(p) or p
 
 
 def _has_tokenizer(p: Path) -> bool:
@@ -311,6 +322,7 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     import lora
 
     path = _resolve_dir(model, "--model")
+    picked = path if path != Path(model) else None
     adapter_dir = _resolve_dir(adapter, "--adapter") if adapter else None
     if adapter_dir is None and (path / lora.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         adapter_dir = path
@@ -333,7 +345,48 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
     meta_dir = adapter_dir or path
     template, template_from = find_template(meta_dir)
     tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
-    return ModelSource(base, adapter_dir, tok_dir, template, template_from)
+    state = (_read_json(path / "trainer_state.json") or {}) if adapter_dir is None else {}
+    origin = state.get("base_model_name_or_path") or (state.get("config") or {}).get("model_name_or_path")
+    origin = origin if isinstance(origin, str) else None
+    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked, origin)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """A checkpoint with a manifest.json (sft.py writes one last) is checked against it as resume does: every
+    file present with its size, and the sha256 of the files evaluation reads (not the training state shards).
+    Read-only. A folder without a manifest (a model, an adapter, another trainer's checkpoint) passes."""
+    import checkpoint as ck
+
+    if not (folder / ck.MANIFEST).is_file():
+        return
+    reason = ck.verify(folder, check_hashes=False)
+    if reason is None:
+        files = json.loads((folder / ck.MANIFEST).read_text())["files"]
+        for rel, info in files.items():
+            if not rel.startswith("state-") and rel != "optimizer.bin" and \
+                    ck.sha256_file(folder / rel) != info["sha256"]:
+                reason = f"{rel}: sha256 does not match the manifest"
+                break
+    if reason is not None:
+        raise UserError(f"{folder}: damaged checkpoint: {reason}; evaluate another checkpoint of the run "
+                        f"(the checkpoint-* folders in {folder.parent}) or restore this one")
+
+
+def check_model_files(src: ModelSource) -> None:
+    """Pre-flight before loading: checkpoint manifests, the base model's config.json, its and the adapter's
+    safetensors headers. Raises an error naming the file, what was expected and the fix."""
+    import lora
+    import model as M
+
+    for folder in dict.fromkeys(d for d in (src.adapter, src.base) if d is not None):
+        verify_checkpoint(folder)
+    M.load_config(src.base)
+    M.check_weights(src.base)
+    if src.adapter is not None:
+        if not (src.adapter / lora.ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"{src.adapter}: no {lora.ADAPTER_WEIGHTS}; expected a LoRA adapter folder "
+                            "(adapter_config.json + adapter_model.safetensors)")
+        M.check_safetensors(src.adapter / lora.ADAPTER_WEIGHTS)
 
 
 def pick_device(device: str) -> torch.device:
@@ -344,16 +397,23 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True):
-    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`."""
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True, check: bool = True):
+    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`.
+    `check`: run check_model_files first (run() does it itself, before printing what it evaluates)."""
     from transformers import AutoTokenizer
 
     import lora
     from model import Transformer
 
+    if check:
+        check_model_files(src)
     model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
     if src.adapter is not None:
-        lora.load_adapter(model, src.adapter, dtype=dtype)
+        try:
+            lora.load_adapter(model, src.adapter, dtype=dtype)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--adapter {src.adapter} does not fit the base model {src.base}: {e}; pass the "
+                            "base it was trained on with --base_model PATH") from None
         if merge:
             lora.merge_lora(model)
     tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
@@ -681,12 +741,14 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
                  items: list[dict], summary: dict, extra: dict) -> dict:
     stamp = extra.pop("stamp")
-    run_id = cfg.run_id or make_run_id(cfg.model, name, protocol, stamp, cfg.run_name)
+    run_id = cfg.run_id or make_run_id(str(src.checkpoint or cfg.model), name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
                                                  "max_batch_tokens")}
-    config = {"model": cfg.model, "adapter": str(src.adapter) if src.adapter else None,
+    config = {"model": cfg.model, "checkpoint": str(src.checkpoint) if src.checkpoint else None,
+              "fine_tuned_from": src.fine_tuned_from,
+              "adapter": str(src.adapter) if src.adapter else None,
               "base_model": str(src.base), "tokenizer": str(src.tokenizer), "dataset": name,
               "dataset_file": cfg.dataset_file, "split": cfg.split, "limit": cfg.limit,
               "n_problems": len(records), "data_hash": data_hash(records),
@@ -739,6 +801,12 @@ def run(cfg: EvalConfig) -> list[Path]:
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
     src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    check_model_files(src)
+    if src.checkpoint is not None:
+        say(f"evalmath: {cfg.model} is a run folder: evaluating {src.checkpoint.name} "
+            f"({'checkpoint-best' if (Path(cfg.model) / 'checkpoint-best').is_dir() else 'latest'})")
+    say(f"evalmath: base model {src.base}" + (f", adapter {src.adapter}" if src.adapter else "")
+        + (f" (fine-tuned from {src.fine_tuned_from})" if src.fine_tuned_from else ""))
     template = None
     if cfg.num_fewshot == 0:
         name = cfg.template or src.template
@@ -750,7 +818,7 @@ def run(cfg: EvalConfig) -> list[Path]:
         except data.DataError as e:
             raise SystemExit(f"error: --template: {e}") from e
     sets = eval_sets(cfg)
-    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora)
+    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
     eos = eos_token_ids(tokenizer, model.generation_config)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []
@@ -841,13 +909,19 @@ def cmd_grade(argv: list[str]) -> None:
 
 def cmd_report(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py report", description="Report one run or compare several.")
-    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir)")
+    ap.add_argument("runs", nargs="+", help="result JSON paths or run ids (searched under --eval_dir); an sft.py "
+                    "run folder gets its training report (loss, learning rate, validation charts)")
     ap.add_argument("--eval_dir", default="outputs/eval")
-    ap.add_argument("--reports_dir", default="docs/reports")
+    ap.add_argument("--reports_dir", default="outputs/reports")
     ap.add_argument("--out", default=None, help="markdown path of the comparison (default: reports_dir/compare-*.md)")
     ap.add_argument("--manual", action="store_true", help="use summary_manual where a run has one")
     a = ap.parse_args(argv)
-    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs]
+    folders = [r for r in a.runs if (Path(r) / "metrics.jsonl").is_file()]
+    for job in folders:
+        print(f"wrote {reports.write_run_report(job, a.reports_dir)}")
+    results = [reports.load_result(r, a.eval_dir)[0] for r in a.runs if r not in folders]
+    if not results:
+        return
     if len(results) == 1 and a.out is None:
         print(f"wrote {reports.write_report(results[0], a.reports_dir)}")
         return
@@ -871,7 +945,7 @@ def cmd_review(argv: list[str]) -> None:
     im.add_argument("--csv", required=True)
     for p in (ex, im):
         p.add_argument("--eval_dir", default="outputs/eval")
-        p.add_argument("--reports_dir", default="docs/reports")
+        p.add_argument("--reports_dir", default="outputs/reports")
     a = ap.parse_args(argv)
     result, path = reports.load_result(a.run, a.eval_dir)
     if a.action == "export":
@@ -895,12 +969,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
         return
-    try:
-        run(parse_config(argv))
-    except KeyboardInterrupt:
-        print("evalmath: interrupted; nothing more written", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+    run(parse_config(argv))
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    import data
+    import model
+
+    cli.run_main(main, user_errors=(data.DataError, model.ModelFileError))

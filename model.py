@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import write_json
+from cli import UserError, write_json
 
 # model_type -> HF architecture class name. The only types this decoder implements.
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -394,7 +394,7 @@ class Transformer(nn.Module):
         """Loads a local HF folder (config.json + model.safetensors or sharded with model.safetensors.index.json).
         No network, no remote code."""
         path = Path(path)
-        args = ModelArgs.from_hf_config(read_json(path / CONFIG_NAME))
+        args = load_config(path)
         model = cls.from_args(args, device="meta", dtype=dtype, attn_impl=attn_impl)
         model.to_empty(device=device)
         model.reset_buffers()
@@ -644,14 +644,79 @@ def attend(q, k, v, plan: AttnPlan) -> torch.Tensor:
 # 4. HF files
 
 
+class ModelFileError(UserError, ValueError):
+    """A model folder's file (config.json, *.safetensors) is unreadable or unsupported; the message names the
+    file, what was expected and the fix."""
+
+
 def read_json(p: Path) -> dict:
+    """A model folder's JSON file as a dict; a broken file is a ModelFileError naming file, line and column."""
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: expected a Hugging Face model folder with {p.name}")
     try:
-        return json.loads(p.read_text())
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{p}: not UTF-8 text (byte {e.start}); expected a JSON file: restore or "
+                             "re-download it") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the "
-                         f"original file") from None
+        raise ModelFileError(f"{p}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix that "
+                             "spot, or restore the file from the model's source") from None
+    if not isinstance(d, dict):
+        raise ModelFileError(f"{p}: expected a JSON object, got a {type(d).__name__}; restore the file from the "
+                             "model's source")
+    return d
+
+
+def load_config(folder: str | os.PathLike) -> ModelArgs:
+    """ModelArgs from a folder's config.json; an unsupported or incomplete config is a ModelFileError naming it."""
+    p = Path(folder) / CONFIG_NAME
+    d = read_json(p)
+    try:
+        return ModelArgs.from_hf_config(d)
+    except KeyError as e:
+        raise ModelFileError(f"{p}: missing field {e}; expected a Hugging Face config.json of a Llama, Mistral "
+                             "or Qwen2 model") from None
+    except ValueError as e:
+        raise ModelFileError(f"{p}: {e}; expected a config this decoder supports (README, "
+                             "'Supported architectures')") from None
+
+
+def check_safetensors(f: str | os.PathLike) -> dict:
+    """Reads a safetensors file's header without loading tensors and checks that the file holds every byte
+    it promises. Returns the header (tensor name -> dtype, shape, data_offsets). A truncated, damaged or
+    non-safetensors file is a ModelFileError naming the file."""
+    f = Path(f)
+    fix = "copy or download the file again (the original source is intact if it loads elsewhere)"
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size or n > 100 * 2**20:
+            raise ModelFileError(f"{f}: not a safetensors file (its first 8 bytes do not give a header length "
+                                 f"that fits the {size}-byte file); {fix}")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+        raise ModelFileError(f"{f}: damaged safetensors header (not the JSON table of tensors it should be); "
+                             f"{fix}") from None
+    have, need = size - 8 - n, max(ends, default=0)
+    if need > have:
+        raise ModelFileError(f"{f}: truncated: the header promises {need:,} bytes of tensor data, the file holds "
+                             f"{have:,}; {fix}")
+    if need < have:
+        raise ModelFileError(f"{f}: damaged: {have - need:,} bytes after the last tensor the header lists; {fix}")
+    return header
+
+
+def check_weights(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a model folder (weight_files), each checked with check_safetensors: a fast
+    pre-flight before allocating a model. Raises FileNotFoundError / ModelFileError naming the file."""
+    files = weight_files(Path(folder))
+    for f in files:
+        check_safetensors(f)
+    return files
 
 
 def _safe_open(f: Path):
@@ -661,7 +726,7 @@ def _safe_open(f: Path):
     try:
         return safe_open(f, framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
-        raise ValueError(f"{f} is not a readable safetensors file ({e}): it is truncated or damaged; download "
+        raise ModelFileError(f"{f} is not a readable safetensors file ({e}): it is truncated or damaged; download "
                          f"or copy it again") from None
 
 
@@ -695,7 +760,11 @@ def save_hf_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a folder: those listed in model.safetensors.index.json, or model.safetensors."""
     if (path / INDEX_NAME).is_file():
-        names = sorted(set(read_json(path / INDEX_NAME)["weight_map"].values()))
+        weight_map = read_json(path / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFileError(f"{path / INDEX_NAME}: no 'weight_map' object; expected the index that "
+                                 "save_pretrained writes: restore it from the model's source")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path / INDEX_NAME} lists weight files that do not exist: {missing}")

@@ -1,16 +1,23 @@
-"""evalmath's reporting half, split out at its seam: result dicts -> summaries, reports, manual review.
+"""evalmath's reporting half: result dicts -> summaries, reports with charts, comparisons, manual review;
+and the report of a training run folder.
 
-Pure Python over the result JSON that `evalmath.py` writes (no torch, no model):
+Pure Python over the files `evalmath.py` and `sft.py` write (no torch, no model); charts are SVG (svg.py):
 
 - `summarize(items)`: accuracy with its standard error, per MATH subject and level, average
   solution length in tokens, truncation and no-answer rates, pass@k and maj@k when items hold
   several samples.
-- `write_report(result, reports_dir)`: `docs/reports/<run_id>.md` and `.csv` (one row per item).
-- `compare(results)`: one markdown table over several runs (base vs checkpoints), with per-subject
-  and per-level bar charts when matplotlib is installed (optional, imported lazily).
+- `write_report(result, reports_dir)`: `<reports_dir>/<run_id>.md` and `.csv` (one row per item), with
+  `<run_id>-level.svg` / `-subject.svg` (accuracy per MATH level and subject) linked from the Markdown.
+- `compare(results)`: one markdown table over several runs (base vs checkpoints); `plot_groups` draws the
+  per-subject and per-level accuracies of every run side by side.
+- `write_run_report(job_dir, out_dir)`: a training run folder (metrics.jsonl, config.json, checkpoints) ->
+  `<job>.md` with the training loss, learning rate and validation loss / accuracy against steps
+  (`<job>-loss.svg`, `-lr.svg`, `-accuracy.svg`).
 - Manual review: `export_failures(result, csv_path)` and `import_verdicts(result, csv_path)`; the
   imported verdicts go into `manual_correct` next to `correct`, and `summary_manual` is recomputed
   beside the automatic `summary` (both are kept).
+
+Paths shown in reports are relative to the repository (`show_path`), never absolute machine paths.
 """
 from __future__ import annotations
 
@@ -21,6 +28,11 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import svg
+from cli import UserError
+
+REPO = Path(__file__).resolve().parent
+RESULT_KEYS = ("run_id", "config", "summary", "items")
 ITEM_CSV_FIELDS = ["id", "correct", "manual_correct", "extracted", "gold", "error_type", "n_tokens",
                    "truncated", "subject", "level"]
 REVIEW_CSV_FIELDS = ["id", "gold", "extracted", "error_type", "correct", "manual_correct", "question",
@@ -110,16 +122,35 @@ def load_result(run: str | os.PathLike, eval_dir: str | os.PathLike = "outputs/e
         hits = sorted(Path(eval_dir).glob(f"*/{run}.json"))
         if len(hits) != 1:
             what = "no file" if not hits else f"{len(hits)} files ({', '.join(map(str, hits))})"
-            raise SystemExit(f"error: run {run!r}: {what} found as a path or as {eval_dir}/*/{run}.json; "
-                             "pass the result JSON's path")
+            raise UserError(f"run {run!r}: {what} found as a path or as {eval_dir}/*/{run}.json; "
+                            "pass the result JSON's path")
         path = hits[0]
+    expected = "expected a result JSON that evalmath.py writes (outputs/eval/<dataset>/<run_id>.json)"
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text()), path
+        result = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); {expected}") from None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not a result JSON ({e})") from e
+        raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); {expected}") from None
+    missing = [k for k in RESULT_KEYS if k not in result] if isinstance(result, dict) else list(RESULT_KEYS)
+    if missing or not isinstance(result.get("summary"), dict) or not isinstance(result.get("items"), list):
+        got = f"keys {sorted(result)[:8]}" if isinstance(result, dict) else f"a JSON {type(result).__name__}"
+        raise UserError(f"{path}: not a result file (missing {', '.join(missing) or 'summary/items'}; got {got}); "
+                        f"{expected}")
+    return result, path
 
 
 # ----------------------------------------------------------------------------- single-run report
+
+def show_path(p: str | os.PathLike | None) -> str | None:
+    """A path as a report shows it: relative to the repository when absolute (`../shared/...` outside it);
+    names that are not local paths (e.g. a hub id) as they are."""
+    if p is None:
+        return None
+    s = str(p)
+    return os.path.relpath(s, REPO) if os.path.isabs(s) else s
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -144,11 +175,16 @@ def _breakdown_lines(s: dict, key: str) -> list[str]:
     return lines
 
 
-def render_markdown(result: dict) -> str:
+def render_markdown(result: dict, charts: list[Path] | None = None) -> str:
+    """The run's Markdown report; `charts` (SVG files next to it) are linked after the breakdowns."""
     cfg, s = result["config"], result["summary"]
     proto, dec = cfg["protocol"], cfg["decoding"]
     lines = [f"# {result['run_id']}", "",
-             f"- model: `{cfg['model']}`" + (f" + adapter `{cfg['adapter']}`" if cfg.get("adapter") else ""),
+             f"- model: `{show_path(cfg['model'])}`"
+             + (f" + adapter `{show_path(cfg['adapter'])}`" if cfg.get("adapter") else ""),
+             f"- base model: `{show_path(cfg.get('base_model') or cfg['model'])}`"
+             + (f" (fine-tuned from `{show_path(cfg['fine_tuned_from'])}`)" if cfg.get("fine_tuned_from") else "")
+             + (f"; checkpoint `{show_path(cfg['checkpoint'])}` of the run folder" if cfg.get("checkpoint") else ""),
              f"- dataset: {cfg['dataset']} ({cfg.get('split')}, {s['n']} problems, data sha256 "
              f"`{cfg['data_hash'][:16]}`)",
              f"- protocol: `{proto['name']}` (template {proto.get('template')}, {proto['num_fewshot']}-shot, "
@@ -162,6 +198,7 @@ def render_markdown(result: dict) -> str:
         lines += ["", f"## After manual review ({sm.get('n_reviewed', 0)} verdicts)", "",
                   "| metric | value |", "| --- | ---: |", *_summary_lines(sm)]
     lines += _breakdown_lines(s, "subject") + _breakdown_lines(s, "level")
+    lines += [f"\n![accuracy by {c.stem.rsplit('-', 1)[1]}]({c.name})" for c in charts or []]
     if s.get("error_types"):
         lines += ["", "### Error types", "", "| error_type | count |", "| --- | ---: |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(s["error_types"].items())]
@@ -176,12 +213,13 @@ def write_item_csv(result: dict, path: str | os.PathLike) -> None:
             w.writerow({k: it.get(k) for k in ITEM_CSV_FIELDS})
 
 
-def write_report(result: dict, reports_dir: str | os.PathLike = "docs/reports") -> Path:
-    """Write `<reports_dir>/<run_id>.md` and `.csv`; returns the markdown path."""
+def write_report(result: dict, reports_dir: str | os.PathLike = "outputs/reports") -> Path:
+    """Write `<reports_dir>/<run_id>.md`, `.csv` and the per-level/subject charts; returns the markdown path."""
     out = Path(reports_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{result['run_id']}.md"
-    md.write_text(render_markdown(result))
+    charts = plot_groups([result], out / result["run_id"])
+    md.write_text(render_markdown(result, charts))
     write_item_csv(result, out / f"{result['run_id']}.csv")
     return md
 
@@ -196,7 +234,9 @@ def compare(results: list[dict], use_manual: bool = False) -> str:
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r, s in zip(results, summaries):
         c = r["config"]
-        model = c["model"] + (f" + {c['adapter']}" if c.get("adapter") else "")
+        model = show_path(c["model"]) + (f" + {show_path(c['adapter'])}" if c.get("adapter") else "")
+        if c.get("base_model") and show_path(c["base_model"]) != show_path(c["model"]):
+            model += f" (base {show_path(c['base_model'])})"
         lines.append(f"| {r['run_id']} | {model} | {c['dataset']} | {c['protocol']['name']} | {s['n']} | "
                      f"{_pct(s['accuracy'])} ± {_pct(s['stderr'])} | {_pct(s['truncation_rate'])} | "
                      f"{_pct(s['no_answer_rate'])} | {s['avg_tokens']:.1f} |")
@@ -220,36 +260,114 @@ def _group_table(results: list[dict], summaries: list[dict], group: str) -> list
     return lines
 
 
+def _group_sort_key(name: str):
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (0, int(digits), name) if digits else (1, 0, name)
+
+
 def plot_groups(results: list[dict], out_prefix: str | os.PathLike) -> list[Path]:
-    """Grouped bar charts of accuracy per subject and per level; [] (and a notice) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("notice: matplotlib is not installed, skipping the per-subject/level charts "
-              "(pip install 'mathsft[plots]')")
-        return []
+    """SVG bar charts `<out_prefix>-subject.svg` / `-level.svg`: accuracy per MATH subject and level, one bar
+    per run side by side (base vs checkpoints). Only for groups the results have; returns the files written."""
     written = []
-    for group in ("subject", "level"):
-        names = sorted({g for r in results for g in r["summary"].get(f"by_{group}", {})})
+    for group in ("level", "subject"):
+        names = sorted({g for r in results for g in r["summary"].get(f"by_{group}", {})}, key=_group_sort_key)
         if not names:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-        width = 0.8 / len(results)
-        for i, r in enumerate(results):
+        series = []
+        for r in results:
             by = r["summary"].get(f"by_{group}", {})
-            ys = [100 * by[g]["accuracy"] if g in by else 0.0 for g in names]
-            ax.bar([x + i * width for x in range(len(names))], ys, width, label=r["run_id"])
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30, ha="right")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = Path(f"{out_prefix}-{group}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+            series.append((r["run_id"], [100 * by[g]["accuracy"] if g in by else None for g in names]))
+        labels = [f"Level {g}" if group == "level" and str(g).isdigit() else str(g) for g in names]
+        n = sum(v["n"] for r in results[:1] for v in r["summary"][f"by_{group}"].values())
+        text = svg.bar_chart(labels, series, f"Accuracy by MATH {group} ({n} problems)")
+        written.append(svg.write(f"{out_prefix}-{group}.svg", text))
     return written
+
+
+# ----------------------------------------------------------------------------- training run report
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """metrics.jsonl rows; a line that is not a JSON object (a crash mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def run_charts(rows: list[dict], out_prefix: str | os.PathLike, title: str) -> list[Path]:
+    """`-loss.svg` (training and validation loss), `-lr.svg`, `-accuracy.svg` (validation accuracy) against
+    steps, each only when metrics.jsonl has that series."""
+    train = [r for r in rows if "loss" in r]
+    valid = [r for r in rows if "eval_loss" in r or "eval_accuracy" in r]
+    charts = []
+    losses = [("training loss", [(r["step"], r["loss"]) for r in train]),
+              ("validation loss", [(r["step"], r.get("eval_loss")) for r in valid])]
+    if train or any(r.get("eval_loss") is not None for r in valid):
+        positive = all(v > 0 for _, pts in losses for _, v in pts if v is not None)
+        charts.append(svg.write(f"{out_prefix}-loss.svg", svg.line_chart(
+            losses, f"{title}: loss", y_label="loss", log_y=positive)))
+    if any("lr" in r for r in train):
+        charts.append(svg.write(f"{out_prefix}-lr.svg", svg.line_chart(
+            [("learning rate", [(r["step"], r["lr"]) for r in train if "lr" in r])], f"{title}: learning rate",
+            y_label="learning rate")))
+    acc = [(r["step"], 100 * r["eval_accuracy"]) for r in valid if r.get("eval_accuracy") is not None]
+    if acc:
+        charts.append(svg.write(f"{out_prefix}-accuracy.svg", svg.line_chart(
+            [("validation accuracy", acc)], f"{title}: validation accuracy", y_label="accuracy (%)",
+            y_range=(0.0, 100.0))))
+    return charts
+
+
+def _run_config(job_dir: Path) -> dict:
+    try:
+        cfg = json.loads((job_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def write_run_report(job_dir: str | os.PathLike, out_dir: str | os.PathLike = "outputs/reports",
+                     name: str | None = None) -> Path:
+    """`<out_dir>/<name>.md` (name: the run folder's) for an sft.py run folder: base model, steps, final
+    loss, the charts of run_charts (`<name>-loss.svg`, ...) linked, and the validation table. Returns the
+    Markdown path."""
+    job_dir, out_dir = Path(job_dir), Path(out_dir)
+    if not (job_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{job_dir}: no metrics.jsonl; expected an sft.py run folder "
+                        "(outputs/checkpoints/<job>/)")
+    rows = read_metrics(job_dir / "metrics.jsonl")
+    cfg = _run_config(job_dir)  # sft.py's Config as a flat dict
+    name = name or job_dir.name
+    charts = run_charts(rows, out_dir / name, job_dir.name)
+    train = [r for r in rows if "loss" in r]
+    valid = [r for r in rows if "eval_loss" in r or "eval_accuracy" in r]
+    best = os.readlink(job_dir / "checkpoint-best") if (job_dir / "checkpoint-best").is_symlink() else None
+    latest = (job_dir / "latest").read_text().strip() if (job_dir / "latest").is_file() else None
+    lines = [f"# Training run {job_dir.name}", "",
+             f"- run folder: `{show_path(job_dir.resolve())}/`",
+             f"- base model: `{show_path(cfg.get('model_name_or_path'))}`"
+             + (f" ({'LoRA' if cfg.get('use_lora') else 'full fine-tuning'})" if "use_lora" in cfg else ""),
+             f"- data: {', '.join(map(str, cfg.get('train_files') or cfg.get('datasets') or [])) or 'see config.json'}",
+             f"- steps logged: {train[0]['step'] if train else '-'} to {train[-1]['step'] if train else '-'}; "
+             f"checkpoint-best -> `{best}`; latest -> `{latest}`", ""]
+    if train:
+        lines.append(f"Training loss {train[0]['loss']:.4f} (step {train[0]['step']}) -> {train[-1]['loss']:.4f} "
+                     f"(step {train[-1]['step']}).")
+    lines += ["", *[f"![{c.stem.rsplit('-', 1)[1]}]({c.name})" for c in charts]]
+    if valid:
+        lines += ["", "## Validation", "", "| step | loss | accuracy |", "| ---: | ---: | ---: |"]
+        for r in valid:
+            loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
+            acc = f"{100 * r['eval_accuracy']:.1f}%" if r.get("eval_accuracy") is not None else "-"
+            lines.append(f"| {r['step']} | {loss} | {acc} |")
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md
 
 
 # ----------------------------------------------------------------------------- manual review

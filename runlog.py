@@ -103,14 +103,10 @@ def log_setup(log: RunLog, cfg, world: int, device, model, dtype, data, warmup: 
 
 
 def data_counts(report: dict) -> str:
-    """Examples per split, bad rows skipped and examples truncated or dropped (a data cache's report.json)."""
-    parts = [f"{n:,} {s}" for s, n in report.get("sizes", {}).items()]
-    bad = len(report.get("malformed_rows", [])) + len(report.get("empty_fields", []))
-    parts.append(f"{bad} bad rows skipped")
-    for split, st in report.get("tokenized", {}).items():
-        parts += [f"{st[k]} {split} examples {k} (longer than --max_seq_length)" for k in ("truncated", "dropped")
-                  if st.get(k)]
-    return ", ".join(parts) + " (details: report.md in the data cache)"
+    """Examples per split, bad rows skipped and examples truncated or dropped (data.report_counts)."""
+    import data
+
+    return data.report_counts(report)
 
 
 class StopFlag:

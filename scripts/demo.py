@@ -11,7 +11,9 @@ Steps (each one is the real CLI a user would run; every command is printed and w
   3. evalmath.py            accuracy of the untrained model on the held-out test problems
   4. sft.py                 fine-tuning with interval checkpoints, validation loss and accuracy, best-by-accuracy
   5. evalmath.py            accuracy of checkpoint-best on the same test problems
-  6. docs/reports/demo-<mode>.md: accuracy before/after, the loss curve, and where every file went
+  6. outputs/reports/demo-<mode>.md (git-ignored; `--report docs/reports/demo-<mode>.md` refreshes the committed
+     example on purpose): accuracy before/after, the training charts (SVG, reports.write_run_report), and
+     where every file went. With --data_dir it also says what accuracy such a tiny model can reach there and why.
 
 LoRA on a random base: plain LoRA freezes the embeddings, the output head and the norms, and a random base
 needs exactly those trained; alone it learns the answer format but not to copy numbers out of the question
@@ -35,10 +37,14 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import reports  # noqa: E402
 
 MODEL = ["--arch", "llama", "--hidden", "128", "--layers", "2", "--intermediate", "1024", "--heads", "4",
          "--kv_heads", "4", "--no-split_digits", "--tokenizer_vocab", "1024", "--seed", "0"]
@@ -55,8 +61,15 @@ PRESETS = {  # sizes of the default demo and of the CI-sized one that tests/test
 }
 
 
+def shown(arg: str) -> str:
+    """A command argument as the report shows it: `python` for the interpreter, paths relative to the repo."""
+    if arg == sys.executable:
+        return "python"
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
+
+
 def run(cmd: list[str], log: list[str]) -> float:
-    line = " ".join(shlex.quote(c) for c in cmd)
+    line = " ".join(shlex.quote(shown(c)) for c in cmd)
     print(f"\n$ {line}", flush=True)
     log.append(line)
     t0 = time.time()
@@ -83,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--datasets", nargs="+", default=["gsm8k"])
     ap.add_argument("--preset", choices=list(PRESETS), default="default")
     ap.add_argument("--work", default="outputs/demo", help="folder for the data, model, run and eval files")
-    ap.add_argument("--report", default="", help="report path (default docs/reports/demo-<mode>.md)")
+    ap.add_argument("--report", default="", help="report path (default outputs/reports/demo-<mode>.md; "
+                    "docs/reports/ holds the committed examples)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     a = ap.parse_args(argv)
     p, py, log = PRESETS[a.preset], sys.executable, []
@@ -121,10 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
                    "--metric_for_best", "accuracy", "--logging_steps", "25", *threads, *TRAIN[a.mode]], log)
     job_dir = ckpts / job
 
-    # 5. after
-    after = evaluate(py, job_dir / "checkpoint-best", test_args, work, f"{job}-after", p["n_test"], log)
+    # 5. after: evalmath on the run folder evaluates its checkpoint-best
+    after = evaluate(py, job_dir, test_args, work, f"{job}-after", p["n_test"], log)
 
-    report = Path(a.report) if a.report else REPO / "docs" / "reports" / f"{job}.md"
+    report = Path(a.report) if a.report else REPO / "outputs" / "reports" / f"{job}.md"
     summary = {"mode": a.mode, "before": before["summary"]["accuracy"], "after": after["summary"]["accuracy"],
                "train_seconds": train_s, "total_seconds": time.time() - t_start, "report": str(report),
                "job_dir": str(job_dir), "before_file": before["_path"], "after_file": after["_path"]}
@@ -132,8 +146,37 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def real_data_note(a, before: dict, after: dict) -> list[str]:
+    """What a tiny random-init model can reach on real GSM8K/MATH, in words, with the constant-answer baseline
+    measured on the evaluated test problems."""
+    import data
+
+    name = a.datasets[0]
+    try:
+        train = [str(r["answer"]) for r in data.load_records(name, "train", a.data_dir) if r.get("answer")]
+        test = [str(r["answer"]) for r in data.load_records(name, "test", a.data_dir)][:after["summary"]["n"]]
+    except (data.DataError, OSError):
+        train, test = [], []
+    common, _ = Counter(train).most_common(1)[0] if train else ("?", 0)
+    hits = sum(t == common for t in test)
+    baseline = (f" Always answering {name}'s most common training answer ({common}) would score "
+                f"{hits / max(len(test), 1):.1%} on these {len(test)} test problems." if test else "")
+    f = after["summary"]
+    return [
+        "## What to expect on real data", "",
+        f"A ~1.5M-parameter model trained from random initialization for a few hundred steps cannot solve "
+        f"{name}: each problem needs reading comprehension and several steps of arithmetic, which such a model "
+        f"has never learned (the synthetic demo's two small additions are learnable; {name} is not at this size). "
+        f"Expect close to 0% test accuracy before and after training; this run: "
+        f"{before['summary']['accuracy']:.1%} -> {f['accuracy']:.1%}.{baseline} What training does teach it "
+        f"is the answer format: the no-answer rate went from {before['summary'].get('no_answer_rate', 0):.1%} to "
+        f"{f.get('no_answer_rate', 0):.1%}, and the loss below falls. So this run checks the pipeline (data, "
+        f"training, checkpoints, evaluation) on real files; real accuracy needs a pretrained base model "
+        f"(e.g. `--model_name_or_path models/qwen2.5-0.5b`, README \"The real-use path\").", ""]
+
+
 def loss_curve(metrics: Path, width: int = 60) -> str:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    rows = reports.read_metrics(metrics)
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and "tokens_per_s" in r]
     evals = [(r["step"], r.get("eval_loss"), r.get("eval_accuracy")) for r in rows if "eval_loss" in r]
     if not pts:
@@ -151,7 +194,10 @@ def loss_curve(metrics: Path, width: int = 60) -> str:
 
 def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, after: dict, log: list[str],
                  s: dict) -> None:
-    rel = lambda x: str(Path(x).relative_to(REPO)) if Path(x).is_relative_to(REPO) else str(x)
+    rel = lambda x: shown(str(Path(x).resolve()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_md = reports.write_run_report(job_dir, out.parent, name=f"{out.stem}-training")
+    charts = [c for c in (out.parent / f"{run_md.stem}-{k}.svg" for k in ("loss", "lr", "accuracy")) if c.is_file()]
     b, f = before["summary"], after["summary"]
     threads = f"{a.threads} torch thread(s)" if a.threads else "torch's default threads"
     log_text = (job_dir / "train.log").read_text() if (job_dir / "train.log").is_file() else ""
@@ -160,7 +206,8 @@ def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, aft
     what = ("LoRA " + " ".join(TRAIN["lora"][2:]) if a.mode == "lora" else "all weights (full fine-tuning), "
             + " ".join(TRAIN["full"][2:]))
     trained = what + (f"; {counts[1]} trainable of {counts[2]} parameters" if counts else "")
-    data = a.data_dir or "synthetic two-step arithmetic word problems (GSM8K format, scripts/synthetic.py)"
+    data = (f"{', '.join(a.datasets)} from `{shown(str(Path(a.data_dir).resolve()))}`" if a.data_dir else
+            "synthetic two-step arithmetic word problems (GSM8K format, scripts/synthetic.py)")
     lines = [
         f"# Demo report: {Path(out).stem}", "",
         f"Mode **{a.mode}**, preset `{a.preset}`. Data: {data}. Model: random-init Llama (maketiny.py).",
@@ -171,17 +218,19 @@ def write_report(out: Path, a, job_dir: Path, model_dir: Path, before: dict, aft
         f"{b.get('no_answer_rate', 0):.1%} | {b.get('avg_tokens', 0):.1f} |",
         f"| fine-tuned (checkpoint-best) | {f['accuracy']:.1%} ± {f.get('stderr', 0):.1%} | {f.get('n')} | "
         f"{f.get('no_answer_rate', 0):.1%} | {f.get('avg_tokens', 0):.1f} |", "",
-        "## Loss curve", "", "```", loss_curve(job_dir / "metrics.jsonl"), "```", "",
+        *(real_data_note(a, before, after) if a.data_dir else []),
+        "## Loss curve", "", *[f"![{c.stem.rsplit('-', 1)[1]}]({c.name})" for c in charts], "",
+        "```", loss_curve(job_dir / "metrics.jsonl"), "```", "",
         "## Where every file went", "",
         f"- base model (HF format, random init): `{rel(model_dir)}/`",
         f"- run folder: `{rel(job_dir)}/` (config.json, train.log, metrics.jsonl, checkpoint-*/, checkpoint-best, latest)",
         f"- evaluation before: `{rel(before['_path'])}`",
         f"- evaluation after: `{rel(after['_path'])}`",
         f"- per-run eval reports: `{rel(Path(before['_path']).parents[2] / 'reports')}/`",
+        f"- training report and charts: `{rel(run_md)}`, " + ", ".join(f"`{c.name}`" for c in charts),
         f"- this report: `{rel(out)}`", "",
         "## Commands", "", "```", *log, "```", "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
     print("\n" + "\n".join(lines[:9]))
     print(f"\nreport: {rel(out)}")

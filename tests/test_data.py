@@ -424,3 +424,38 @@ def test_unpacked_mode_and_efficiency(cache):
     assert all(b["input_ids"].shape[1] <= 1024 for b in batches) and 0 < plain.efficiency <= 1
     with pytest.raises(DataError, match="seq_len"):
         PackedLoader(cache, 64, 2)
+
+
+def test_progress_and_skipped_and_truncated_counts_on_the_console(shared, tmp_path, capsys, monkeypatch):
+    """prepare prints tokenization progress (rows done / total, elapsed) and one summary line with the bad rows
+    skipped and the examples truncated; the counts are in the split's meta.json too (sft.py logs them)."""
+    lines = (shared / "data" / "gsm8k" / "train.jsonl").read_bytes().splitlines(True)[:60]
+    lines[7] = b'{"question": "caf\xe9", "answer": "#### 1"}\n'  # not UTF-8
+    lines[20] = b'{"question": "no answer"}\n'
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b"".join(lines))
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 16)
+    path = data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
+                        out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    err = capsys.readouterr().err.splitlines()
+    progress = [e for e in err if e.startswith("data: tokenizing train: ")]
+    assert [p.split(": ")[2].split(" rows")[0] for p in progress][-1] == "58/58"
+    assert progress[0].startswith("data: tokenizing train: 16/58 rows (")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["skipped_rows"] == 2 and meta["truncated"] > 0
+    assert err[-1] == (f"data: 58 train, 0 valid, 0 test, 2 bad rows skipped, {meta['truncated']} train examples "
+                       "truncated (longer than --max_seq_length) (details: report.md in the data cache)")
+    data.prepare([str(rows)], "train", tmp_path, shared / "models" / "qwen2.5-0.5b", "boxed", 128,
+                 out_dir=tmp_path / "cache", skip_bad_rows=True, split_ratios=[1.0, 0.0, 0.0])
+    assert capsys.readouterr().err.splitlines() == [f"data: reusing the cache {path.parent}", err[-1]]
+
+
+def test_non_utf8_row_names_file_line_and_byte_offset(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    first = b'{"question": "q", "answer": "1"}\n'
+    f.write_bytes(first + b'{"question": "\xff\xfe", "answer": "2"}\n')
+    with pytest.raises(DataError, match=rf"rows\.jsonl:2: not UTF-8 text at byte offset {len(first) + 14} "):
+        data.load_records(str(f), "train", tmp_path)
+    problems: list = []
+    assert len(data.load_records(str(f), "train", tmp_path, skip_bad_rows=True, problems=problems)) == 1
+    assert problems[0]["where"].endswith("rows.jsonl:2")
