@@ -201,9 +201,10 @@ class Engine:
 
     graphs: capture the decode step with torch.cuda.CUDAGraph, one graph per slot bucket (default on CUDA).
     compile: torch.compile the step instead ("reduce-overhead" on CUDA, the default mode elsewhere).
-    fixed: fixed shapes (implied by graphs and compile): the step attends over all max_len positions and runs
-    over a slot bucket (powers of two >= 8, and `slots`); else it attends over the positions in use and runs
-    over exactly the slots in use. sync_every: steps between host looks at the device state (1 on CPU, 8 on
+    fixed: fixed shapes (implied by graphs and compile): the step runs over a slot bucket (powers of two >= 8,
+    and `slots`) and attends over a length bucket (quarters of max_len) that covers every running row: one
+    graph per (slot bucket, length bucket); else it runs over exactly the slots in use and attends over the
+    positions in use. sync_every: steps between host looks at the device state (1 on CPU, 8 on
     CUDA)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, max_new_tokens: int, eos_ids: Iterable[int],
@@ -236,7 +237,9 @@ class Engine:
         self.stop_table = (stop.could_end if stop else torch.zeros(V, dtype=torch.bool)).to(self.device)
         self.could_end = self.stop_table.tolist() if stop else None
         self.buckets = sorted({slots} | {2 ** k for k in range(3, max(3, math.ceil(math.log2(slots))))})
-        self.steppers: dict[int, Callable[[], torch.Tensor]] = {}
+        quarter = [-(-(max_len * i // 4) // LEN_ALIGN) * LEN_ALIGN for i in (1, 2, 3, 4)]
+        self.kv_buckets = sorted({min(max_len, max(LEN_ALIGN, n)) for n in quarter})
+        self.steppers: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         self.steps = 0
 
     # ---- device bookkeeping ----
@@ -254,11 +257,12 @@ class Engine:
         if self.stop is not None:
             self.maybe_stop[idx] |= keep & self.stop_table[nxt]
 
-    def _stepper(self, b: int) -> Callable[[], torch.Tensor]:
-        """The decode step over the first b slots: eager, compiled, or a replayed CUDA graph."""
-        if b in self.steppers:
-            return self.steppers[b]
-        rows, L = self.arange[:b], self.max_len
+    def _stepper(self, b: int, L: int) -> Callable[[], torch.Tensor] | None:
+        """The decode step over the first b slots attending over L positions: compiled, a replayed CUDA graph,
+        or None (eager)."""
+        if (b, L) in self.steppers:
+            return self.steppers[(b, L)]
+        rows = self.arange[:b]
 
         def step():
             return step_logits(self.model, self.cache, self.tokens, rows, L)
@@ -273,12 +277,12 @@ class Engine:
         else:
             fn = None
         if fn is not None:
-            self.steppers[b] = fn
+            self.steppers[(b, L)] = fn
         return fn
 
     def step(self, b: int, kv_len: int) -> None:
-        """One decode step over the first b slots (kv_len: positions attended by the eager step)."""
-        fn = self._stepper(b)
+        """One decode step over the first b slots attending over positions [0, kv_len)."""
+        fn = self._stepper(b, kv_len)
         logits = fn() if fn is not None else step_logits(self.model, self.cache, self.tokens, self.arange[:b], kv_len)
         nxt = sample(logits, self.temperature, self.top_p, self.generator)
         fed = self.active[:b].clone()
@@ -327,7 +331,7 @@ class Engine:
         budget = prefill_tokens or (16384 if self.device.type == "cuda" else 4096)
         refill_at = max(1, self.slots // 16)  # free slots that trigger a refill: prefills in groups, not one by one
         slot_of: list[int | None] = [None] * self.slots  # slot -> prompt index
-        pos = [0] * self.slots  # upper bound of each slot's next position (host side, for the eager kv_len)
+        start = [0] * self.slots  # a slot's next position is at most start + self.steps (host side, for kv_len)
         checked = [0] * self.slots  # tokens of the slot's row already looked at by the stop rule
         done_tokens = 0
 
@@ -335,29 +339,26 @@ class Engine:
             free = [s for s in range(self.slots) if slot_of[s] is None]
             pairs = [(s, queue.pop()) for s in free[:len(queue)]]  # longest prompts first, lowest slots first
             for s, i in pairs:
-                slot_of[s], pos[s], checked[s] = i, len(prompts[i]), 0
-            start = 0
+                slot_of[s], start[s], checked[s] = i, len(prompts[i]) - self.steps, 0
+            g = 0
             for k in range(1, len(pairs) + 1):  # groups of at most `budget` padded tokens (the first is longest)
-                if k == len(pairs) or (k + 1 - start) * len(prompts[pairs[start][1]]) > budget:
-                    self.prefill([s for s, _ in pairs[start:k]], [prompts[i] for _, i in pairs[start:k]])
-                    start = k
+                if k == len(pairs) or (k + 1 - g) * len(prompts[pairs[g][1]]) > budget:
+                    self.prefill([s for s, _ in pairs[g:k]], [prompts[i] for _, i in pairs[g:k]])
+                    g = k
 
         refill()
         while any(s is not None for s in slot_of):
             b = self._bucket(max(s for s in range(self.slots) if slot_of[s] is not None) + 1)
-            for _ in range(self.sync_every):
-                if self.fixed:
-                    self.step(b, self.max_len)
-                    continue
-                self.step(b, min(self.max_len, max(pos[:b]) + 1))
-                for s in range(b):
-                    pos[s] += slot_of[s] is not None
+            top = max(start[s] for s in range(b) if slot_of[s] is not None) + self.steps  # furthest next position
+            for i in range(self.sync_every):
+                need = min(self.max_len, top + i + 1)
+                self.step(b, next(L for L in self.kv_buckets if L >= need) if self.fixed else need)
             done_tokens += self._look(outs, slot_of, checked)
             n_free = sum(s is None for s in slot_of)
             if queue and (n_free >= refill_at or n_free == self.slots):
                 refill()
             else:
-                self._compact(slot_of, pos, checked)
+                self._compact(slot_of, start, checked)
             if progress is not None:
                 running = [s for s in range(self.slots) if slot_of[s] is not None]
                 live = int(self.n_gen[running].sum()) if running else 0
@@ -401,7 +402,7 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n) if self.fixed else n
 
-    def _compact(self, slot_of, pos, checked) -> None:
+    def _compact(self, slot_of, start, checked) -> None:
         """With no prompt waiting: moves running rows down so the step runs over a smaller bucket."""
         running = [s for s in range(self.slots) if slot_of[s] is not None]
         if not running:
@@ -413,7 +414,7 @@ class Engine:
         dst = [s for s in range(b) if slot_of[s] is None][:len(src)]
         self.move(src, dst)
         for s, d in zip(src, dst):
-            slot_of[d], pos[d], checked[d] = slot_of[s], pos[s], checked[s]
+            slot_of[d], start[d], checked[d] = slot_of[s], start[s], checked[s]
             slot_of[s] = None
 
 

@@ -101,8 +101,8 @@ def test_fixed_shape_step_equals_eager_step(hf_dirs):  # noqa: F811
 
 
 def test_fixed_shapes_buckets_and_compaction_give_the_same_tokens(hf_dirs, monkeypatch):  # noqa: F811
-    """The GPU path's logic run eagerly on CPU: full-length attention, slot buckets (8, 16, 20) and rows moved
-    down into a smaller bucket once no prompt waits, with host looks every 3 steps."""
+    """The GPU path's logic run eagerly on CPU: length buckets, slot buckets (8, 16, 20) and rows moved down
+    into a smaller bucket once no prompt waits, with host looks every 3 steps."""
     m = M.Transformer.from_pretrained(hf_dirs["mistral"]).eval()
     prompts = PROMPTS * 3
     free = D.generate(m, prompts, N_NEW, [], slots=20)
@@ -111,10 +111,11 @@ def test_fixed_shapes_buckets_and_compaction_give_the_same_tokens(hf_dirs, monke
     assert len({len(o.tokens) for o in ref}) > 2
     moves, buckets, orig_move, orig_step = [], [], D.Engine.move, D.Engine.step
     monkeypatch.setattr(D.Engine, "move", lambda self, src, dst: (moves.append(len(src)), orig_move(self, src, dst)))
-    monkeypatch.setattr(D.Engine, "step", lambda self, b, kv: (buckets.append(b), orig_step(self, b, kv)))
+    monkeypatch.setattr(D.Engine, "step", lambda self, b, kv: (buckets.append((b, kv)), orig_step(self, b, kv)))
     fixed = D.generate(m, prompts, N_NEW, eos, slots=20, fixed=True, sync_every=3)
     assert [(o.tokens, o.finish_reason) for o in fixed] == [(o.tokens, o.finish_reason) for o in ref]
-    assert moves and set(buckets) == {8, 16, 20}, (moves, set(buckets))
+    assert moves and {b for b, _ in buckets} == {8, 16, 20}, (moves, buckets)
+    assert {kv for _, kv in buckets} == {64, 128}  # length buckets of max_len 128 (90 + 16 rounded up to 64)
 
 
 @pytest.mark.slow
