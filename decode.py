@@ -15,8 +15,9 @@ Read top to bottom:
   4. stop rules    - EOS ids as a device table; stop strings are decoded on the host only for rows whose new
                      tokens include one that could end a stop string (a device table of candidate tokens)
   5. Engine        - slots refilled from a length-sorted queue as rows end; the bookkeeping stays on the device
-                     and the host looks every `sync_every` steps; the step is CUDA-graph captured per slot bucket
-                     (or torch.compile'd); when the queue is empty, rows are moved down into a smaller bucket
+                     and the host looks every `sync_every` steps; the step is CUDA-graph captured (or
+                     torch.compile'd) per slot bucket and length bucket; when the queue is empty, rows are moved
+                     down into a smaller slot bucket
   6. slot count    - `pick_slots`: a number, or "auto" (free accelerator memory, --max_batch_tokens, 16 on CPU)
 
 Greedy tokens equal transformers' greedy `generate` and do not depend on the slot count (tests/test_decode.py).
