@@ -9,8 +9,9 @@ A checkpoint folder (`checkpoint-000100/`, or `checkpoint-100/` in LESS mode) ho
     state.index.json                                   optimizer moments, per-rank RNG; one shard per rank
     trainer_state.json                               step, epoch, scheduler, optimizer hyper-params,
                                                        data-loader state, metrics, config, template, versions
-    optimizer.bin                                    LESS mode only: name-keyed Adam moments (see less.md)
-    manifest.json                                    written last: size and sha256 of every other file
+    optimizer.bin                                    LESS mode only: name-keyed Adam moments (docs/checkpoints.md)
+    manifest.json                                    written last: size (and with --checksum sha256) of
+                                                       every other file
 
 Atomicity: everything is written into `.tmp-<name>/` inside the job folder, files are fsynced, the
 manifest is written last, then the folder is renamed into place. A folder without a valid manifest is
@@ -112,14 +113,16 @@ def begin(job_dir: Path, name: str) -> Path:
     return tmp
 
 
-def write_manifest(folder: Path, meta: dict | None = None) -> dict:
-    """fsync every file in `folder`, then write manifest.json (sizes + sha256) last."""
+def write_manifest(folder: Path, meta: dict | None = None, checksum: bool = False) -> dict:
+    """fsync every file in `folder`, then write manifest.json last: every file's size, and its sha256 when
+    `checksum` (sft.py --checksum; reading every byte again costs ~1-2 s per GB on one core)."""
     folder = Path(folder)
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             _fsync_file(p)
-            files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            files[str(p.relative_to(folder))] = {"size": p.stat().st_size,
+                                                 **({"sha256": sha256_file(p)} if checksum else {})}
     manifest = {"format": "mathsft-checkpoint-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **(meta or {}), "files": files}
     write_json(folder / MANIFEST, manifest)
@@ -144,15 +147,15 @@ def verify(folder: Path, check_hashes: bool = True) -> str | None:
             return f"missing file {rel}"
         if p.stat().st_size != info["size"]:
             return f"{rel}: size {p.stat().st_size} != {info['size']} in the manifest"
-        if check_hashes and sha256_file(p) != info["sha256"]:
+        if check_hashes and "sha256" in info and sha256_file(p) != info["sha256"]:
             return f"{rel}: sha256 does not match the manifest"
     return None
 
 
-def commit(job_dir: Path, tmp: Path, name: str) -> Path:
+def commit(job_dir: Path, tmp: Path, name: str, checksum: bool = False) -> Path:
     """Rank 0, after every rank has written its files: manifest, rename into place, update `latest`."""
     job_dir = Path(job_dir)
-    write_manifest(tmp, {"name": name})
+    write_manifest(tmp, {"name": name}, checksum)
     final = job_dir / name
     if final.exists():  # e.g. the same step saved again after a roll-back
         shutil.rmtree(final)
@@ -674,7 +677,7 @@ def save(run, reason: str, best: str | None = None) -> Path | None:
     barrier()
     final = None
     if d.main:
-        final = commit(run.job_dir, tmp, name)
+        final = commit(run.job_dir, tmp, name, cfg.checksum)
         removed = prune(run.job_dir, cfg.save_total_limit, {name, best_target(run.job_dir) or ""})
         run.log(f"saved {name} ({reason}, {time.time() - t0:.1f}s)" + (f"; removed {', '.join(removed)}" if removed else ""))
         if best:
@@ -689,7 +692,7 @@ def resume(run, where: str) -> bool:
     """Restore the newest complete checkpoint (`auto`) or the folder `where` into `run` (sft.py's Run).
     False when `auto` finds nothing to resume; damaged checkpoints are then moved aside, never overwritten."""
     d = run.d
-    if where == "auto":  # rank 0 verifies (sha256 of every file), the others take its answer
+    if where == "auto":  # rank 0 verifies (sizes; sha256 when saved with --checksum), the others take its answer
         path, notes = broadcast_object(find_resumable(run.job_dir) if d.main else None)
         for n in notes:
             run.log(n)

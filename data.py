@@ -812,7 +812,7 @@ class PrepareConfig:
     """python data.py prepare: build the token cache (flags override --config YAML)."""
     datasets: tuple[str, ...] = ("gsm8k",)  # names (gsm8k, math) or jsonl/parquet paths
     data_dir: str = "data/raw"  # holds <name>/{train,test}.jsonl (or MATH's train/<subject>/<n>.json)
-    tokenizer: str = "models/qwen2.5-0.5b"  # local folder with the tokenizer files
+    tokenizer: str = "models/Qwen2.5-0.5B"  # local folder with the tokenizer files (sft.py's default model)
     template: str = "boxed"  # data/prompts/<name>.json: plain, boxed, tulu, chat
     max_seq_length: int = 2048
     truncation: Literal["truncate", "drop"] = "truncate"  # over-long examples

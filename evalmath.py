@@ -353,7 +353,8 @@ def resolve_model(model: str, adapter: str | None = None, base_model: str | None
 
 def verify_checkpoint(folder: Path) -> None:
     """A checkpoint with a manifest.json (sft.py writes one last) is checked against it as resume does: every
-    file present with its size, and the sha256 of the files evaluation reads (not the training state shards).
+    file present with its size, and the sha256 (when the save recorded one: sft.py --checksum) of the files
+    evaluation reads (not the training state shards).
     Read-only. A folder without a manifest (a model, an adapter, another trainer's checkpoint) passes."""
     import checkpoint as ck
 
@@ -363,7 +364,7 @@ def verify_checkpoint(folder: Path) -> None:
     if reason is None:
         files = json.loads((folder / ck.MANIFEST).read_text())["files"]
         for rel, info in files.items():
-            if not rel.startswith("state-") and rel != "optimizer.bin" and \
+            if not rel.startswith("state-") and rel != "optimizer.bin" and "sha256" in info and \
                     ck.sha256_file(folder / rel) != info["sha256"]:
                 reason = f"{rel}: sha256 does not match the manifest"
                 break

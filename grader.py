@@ -615,10 +615,10 @@ def _equiv(pred: str, gold: str, dataset: str) -> tuple[bool, str | None]:
 
 
 def _yes_no(response: str) -> tuple[str, str] | None:
-    """Yes/no golds: a response (or its final sentence) that starts with the word Yes or No answers with it."""
+    """Yes/no golds: a final sentence, else a response, that starts with the word Yes or No answers with it."""
     text = _MARKDOWN.sub("", cut_continuation(_clean(response))).strip()
     sentences = _sentences(text)
-    for chunk in (text, sentences[-1] if sentences else ""):
+    for chunk in (sentences[-1] if sentences else "", text):
         m = re.match(r"[\W_]*(yes|no)\b(?![\s-]+(?:one|longer|more|matter|other|such|solution|real))", chunk, re.I)
         if m:
             return m.group(1).capitalize(), "yes_no"

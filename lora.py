@@ -156,11 +156,17 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapters compute in the activations' dtype: fp32 master adapters next to bf16 activations are cast
+        to bf16 (small r x in / out x r weights; never an activation-sized fp32 copy), which is what FSDP2's
+        param_dtype=bf16 does to them, so one GPU and FSDP2 give the same numbers. Under autocast F.linear
+        casts to the autocast dtype instead."""
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        h = x.to(self.lora_A.weight.dtype)  # e.g. bf16 activations into fp32 adapters, and back
-        return out + (self.lora_B(self.lora_A(self.lora_dropout(h))) * self.scaling).to(out.dtype)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return out + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

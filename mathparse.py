@@ -1,5 +1,5 @@
-"""A small recursive-descent LaTeX / plain-math parser that builds sympy objects (grader.py's parser, split
-out at its seam). Model output is untrusted: nothing here calls eval, sympify or parse_expr, and every
+"""A small recursive-descent LaTeX / plain-math parser that builds sympy objects (grader.py's parser).
+Model output is untrusted: nothing here calls eval, sympify or parse_expr, and every
 operation is bounded up front (input length, nesting depth, exact power size, factorial size); a refused
 input raises Refused.
 

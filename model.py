@@ -4,7 +4,7 @@ Read top to bottom:
   1. ModelArgs        - the config, read from / written to Hugging Face config.json (old and transformers-5 styles)
   2. the modules      - RMSNorm (fp32 math like HF), RoPE (HF rotate_half, no q/k permutation), GQA attention,
                         SwiGLU MLP, decoder block, Transformer with HF parameter names
-  3. attention plans  - how a forward attends: plain causal, a boolean mask, per-document, flex (see ATTN_IMPLS)
+  3. attention plans  - how a forward attends: plain causal, a boolean mask, per-document, varlen, flex (ATTN_IMPLS)
   4. HF I/O           - from_pretrained / load_hf_weights / save_pretrained (safetensors, sharded or not)
   5. decoding         - the cache protocol Transformer.forward uses (decode.py holds the static cache and the
                         continuously batched decoder)
@@ -13,23 +13,28 @@ Module and parameter names equal the Hugging Face ones (`model.embed_tokens`, `m
 ..., `lm_head`), so `state_dict()` keys equal the keys of HF safetensors files and no key mapping is needed.
 RoPE uses the HF `rotate_half` convention, so q/k weights are loaded as they are (no permutation).
 
-Packed rows: `doc_ids` [B, T] marks documents (maximal runs of equal ids). Attention is causal inside a
-document and never crosses one. `attn_impl` chooses the mechanism (constructor argument, or
-`model.attn_impl = ...` at any time):
-  - "sdpa_mask":      one SDPA call with a boolean block-diagonal causal mask [B, 1, T, T]. Simple; computes every
-                      score of the T x T square (and SDPA's masked CPU kernel is slow).
-  - "per_doc":        split each row at document boundaries and run plain causal SDPA (is_causal=True, the fast
-                      flash-style kernel) once per document, then concatenate. No padding, no mask; one small
-                      SDPA call per document, so best where a call is cheap (CPU).
-  - "per_doc_padded": gather the documents into one right-padded [N_docs, H, L_max, D] batch, one causal SDPA call,
-                      scatter back. Right padding is never attended by real tokens under the causal mask. One
-                      kernel launch per layer (meant for CUDA); costs L_max padding and two copies.
-  - "flex":           flex_attention with a document block mask (compiled once on CUDA with dynamic=False; eager on
-                      CPU, where it is inference only: no backward on CPU in torch 2.13).
-  - "auto":           "per_doc" on CPU (measured: fwd+bwd attention at T=2048 with ~220-token docs is ~7x faster
-                      than "sdpa_mask", ~1.5x at T=512; see scripts/bench_model.py), "per_doc_padded" on CUDA (not
-                      measured yet: run scripts/bench_model.py --device cuda).
-Without doc_ids the model runs plain causal SDPA (`is_causal=True`), whatever attn_impl says.
+Packed rows: `doc_ids` [B, T] marks documents (maximal runs of equal ids), or `cu_seqlens` (int32 [N_docs + 1],
+the document boundaries over the flattened B*T tokens, padding tails counted as documents) with `max_seqlen`, as
+packing.py computes them on the CPU. Attention is causal inside a document and never crosses one. The packed
+paths keep q/k/v token-major ([B*T, heads, D], straight from the projections). `attn_impl` chooses the
+mechanism (constructor argument, or `model.attn_impl = ...` at any time):
+  - "per_doc": split the tokens at the document boundaries and run plain causal SDPA (is_causal=True, the
+               flash-style kernel) once per document, then concatenate. Exact, no padding, no mask; one small SDPA
+               call per document, so best where a call is cheap (CPU). Its document lengths come from a CPU
+               `cu_seqlens` (no host sync) or from `doc_ids` (one sync).
+  - "varlen":  one `torch.nn.attention.varlen.varlen_attn` call per layer (FlashAttention's variable-length
+               kernel, CUDA only): causal within documents from `cu_seqlens`, GQA without repeating K/V, work
+               proportional to sum(len_i^2), no padding, no gather/scatter, no sync when the loader gives
+               `cu_seqlens`/`max_seqlen`.
+  - "flex":    flex_attention with a document-causal block mask built once per forward (compiled once per
+               process on CUDA with dynamic=False; eager on CPU, where it is inference only: no backward on
+               CPU in torch 2.13).
+  - "auto":    "per_doc" on CPU (measured: scripts/bench_model.py, docs/benchmarks.md); on CUDA "varlen" when
+               this torch has it, else "flex". varlen is the CUDA default because it needs neither a mask nor
+               torch.compile and computes exactly the documents' causal triangles, while flex works in 128 x 128
+               tiles (every tile crossing a document boundary is computed and masked) and needs a block mask
+               per batch; scripts/bench_gpu_train.py --attn_impl compares the two on a GPU.
+Without doc_ids/cu_seqlens the model runs plain causal SDPA (`is_causal=True`), whatever attn_impl says.
 
 Random-init models of these architectures for tests and the demo: `python maketiny.py --out DIR --arch qwen2`.
 """
@@ -53,7 +58,8 @@ from cli import UserError, write_json
 # model_type -> HF architecture class name. The only types this decoder implements.
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-ATTN_IMPLS = ("auto", "sdpa_mask", "per_doc", "per_doc_padded", "flex")
+ATTN_IMPLS = ("auto", "per_doc", "varlen", "flex")
+PACKED_PLANS = ("per_doc", "varlen", "flex")  # plans that take token-major q/k/v [B, T, heads, D]
 CONFIG_NAME, INDEX_NAME, SINGLE_WEIGHTS_NAME = "config.json", "model.safetensors.index.json", "model.safetensors"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -244,6 +250,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: AttnPlan, cache: CacheView | None = None):
         B, T, _ = x.shape
+        if plan.kind in PACKED_PLANS:
+            return self.forward_packed(x, cos, sin, plan)
         q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -251,6 +259,17 @@ class Attention(nn.Module):
         # [B, H, T, D]; a cache stores the new K/V and attends over what it holds
         y = attend(q, k, v, plan) if cache is None else cache.attend(self.layer_idx, q, k, v)
         return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_packed(self, x, cos, sin, plan: AttnPlan):
+        """Packed rows, token-major: q/k/v stay [B, T, heads, D] as the projections give them (RoPE's cos/sin
+        [B, 1, T, D] are viewed as [B, T, 1, D]), so varlen needs no transpose, copy or padding."""
+        B, T, _ = x.shape
+        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim)
+        k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+        y = attend_packed(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, plan)  # [B, T, H, D]
+        return linear(self.o_proj, y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -293,7 +312,7 @@ class Transformer(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
         self.args, self.attn_impl = args, attn_impl
-        self.activation_checkpointing = False
+        self.activation_checkpointing, self.checkpoint_every = False, 1
         self.generation_config: dict | None = None  # generation_config.json of the loaded folder, written back on save
         self.model = DecoderModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -337,25 +356,34 @@ class Transformer(nn.Module):
                 dev = generator.device if generator is not None else p.device
                 p.copy_(torch.randn(p.shape, generator=generator, device=dev) * std)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each decoder block in backward (torch.utils.checkpoint, non-reentrant). FQNs don't change."""
+    def set_activation_checkpointing(self, enabled: bool, every: int = 1) -> None:
+        """Recompute decoder blocks in backward (torch.utils.checkpoint, non-reentrant): every block, or with
+        every=k every k-th one (blocks 0, k, 2k, ...: memory traded for less recompute). FQNs don't change."""
+        if every < 1:
+            raise ValueError(f"activation checkpointing every={every}: expected 1 (all blocks) or more")
         self.activation_checkpointing = bool(enabled)
+        self.checkpoint_every = every
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: CacheView | None = None,
-                key_padding_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (or, with return_hidden, the final-norm hidden states [B, T, h]
         so a caller can apply `lm_head` in chunks).
 
         doc_ids [B, T]: packed rows; attention stays inside each document (run of equal ids); position_ids
           default to restarting at 0 per document.
+        cu_seqlens [N_docs + 1] int32 + max_seqlen: the same documents as boundaries over the flattened B*T
+          tokens (packing.py gives them; on the CPU for "per_doc", on the device for "varlen"); computed from
+          doc_ids (one host sync) when not given. Give position_ids with them (packing.py does).
         key_padding_mask [B, T] bool: False marks padding; position_ids default to cumsum(mask) - 1.
         cache: a CacheView (decode.py): each layer hands it q/k/v and it stores k/v and does the attention;
           position_ids are then required.
         """
         B, T = input_ids.shape
-        if doc_ids is not None and (cache is not None or key_padding_mask is not None):
+        packed = doc_ids is not None or cu_seqlens is not None
+        if packed and (cache is not None or key_padding_mask is not None):
             raise ValueError("doc_ids (packed rows) cannot be combined with cache or key_padding_mask; give padding "
                              "its own document id instead")
         if cache is not None and (position_ids is None or key_padding_mask is not None):
@@ -365,17 +393,19 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {total} exceeds sliding_window={self.args.sliding_window}; "
                              "sliding-window attention is not implemented")
         if position_ids is None:
+            if doc_ids is None and cu_seqlens is not None:
+                raise ValueError("cu_seqlens without doc_ids needs position_ids (restarting at 0 per document)")
             position_ids = default_position_ids(input_ids, doc_ids, key_padding_mask)
-        plan = AttnPlan("cache") if cache is not None else \
-            make_attn_plan(self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask)
+        plan = AttnPlan("cache") if cache is not None else make_attn_plan(
+            self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask, cu_seqlens, max_seqlen, B)
         h = self.model.embed_tokens(input_ids)
         inv_freq = self.model.inv_freq  # a later model.to(bf16) casts buffers too: RoPE needs the fp32 values
         if inv_freq.dtype != torch.float32:
             inv_freq = rope_inv_freq(self.args, device=inv_freq.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, h.dtype)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
-            if use_ckpt:
+        for i, layer in enumerate(self.model.layers):
+            if use_ckpt and i % self.checkpoint_every == 0:
                 h = checkpoint(layer, h, cos, sin, plan, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, plan, cache)
@@ -385,7 +415,10 @@ class Transformer(nn.Module):
     def resolved_attn_impl(self, device: torch.device) -> str:
         if self.attn_impl != "auto":
             return self.attn_impl
-        return "per_doc_padded" if device.type == "cuda" else "per_doc"
+        if device.type != "cuda":
+            return "per_doc"
+        half = torch.is_autocast_enabled("cuda") or self.model.embed_tokens.weight.dtype != torch.float32
+        return "varlen" if half and varlen_available() else "flex"  # FlashAttention has no fp32 kernel
 
     # ---- HF I/O (section 4) ----
     @classmethod
@@ -469,14 +502,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     the forward pass (Liger-style fused linear cross-entropy): the [N, vocab] logits never exist at once and,
     unlike a checkpointed chunk, the LM head is not recomputed in backward (one vocab-sized matmul fewer per
     chunk: ~10% of a Qwen2.5-0.5B LoRA step on CPU). Logits and softmax are fp32; the gradient for W (when W
-    requires grad) is accumulated in fp32. `compute_dtype` is the matmul dtype (bf16 under autocast)."""
+    requires grad) is accumulated in fp32. `compute_dtype` is the matmul dtype (bf16 under autocast).
+    Gradient work is done only for the inputs that need it: none with grad mode off (evaluation), where the
+    forward is just the chunked logsumexp."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
-        need_w = weight.requires_grad
+                compute_dtype: torch.dtype, need_h: bool, need_w: bool) -> torch.Tensor:
         w = weight.to(compute_dtype)
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -485,10 +519,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = (hc @ w.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(len(yc), device=g.device), yc] -= 1.0
                 g = g.to(compute_dtype)
-                grad_h[i:i + chunk] = (g @ w).to(h.dtype)
+                if need_h:
+                    grad_h[i:i + chunk] = (g @ w).to(h.dtype)
                 if need_w:
                     grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation (.float() is free in fp32)
         ctx.save_for_backward(grad_h, grad_w)
@@ -498,8 +535,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int = 1024,
@@ -507,17 +545,24 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
     """Summed cross-entropy of `h @ weight.T` against labels y (no ignore index: select the rows first)."""
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cross_entropy: {h.shape[0]} hidden rows but {y.shape[0]} labels")
-    return LinearCrossEntropy.apply(h, weight, y, max(1, chunk), compute_dtype or h.dtype)
+    grad = torch.is_grad_enabled()
+    return LinearCrossEntropy.apply(h, weight, y, max(1, chunk), compute_dtype or h.dtype,
+                                    grad and h.requires_grad, grad and weight.requires_grad)
 
 
 def head_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, autocast,
-                  ignore_index: int = -100) -> torch.Tensor:
+                  ignore_index: int = -100, label_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` over the positions whose label is not `ignore_index`, `chunk` rows
     at a time, so the [tokens, vocab] logits never exist at once: linear_cross_entropy for a plain bias-free
     Linear head (gradients computed in the forward), else checkpointed chunks through the module (a LoRA head).
-    `autocast` is the context the head runs under. Equals F.cross_entropy(head(hidden), labels, reduction="sum")."""
-    keep = labels != ignore_index
-    h, y = hidden[keep], labels[keep]
+    `autocast` is the context the head runs under. Equals F.cross_entropy(head(hidden), labels, reduction="sum").
+    `label_pos` (packing.py's, computed on the CPU): the flattened positions of those labels, which selects them
+    without the host sync of a boolean mask."""
+    if label_pos is None:
+        keep = labels != ignore_index
+        h, y = hidden[keep], labels[keep]
+    else:
+        h, y = hidden.reshape(-1, hidden.shape[-1])[label_pos], labels.reshape(-1)[label_pos]
     loss = hidden.sum().float() * 0.0  # keeps every rank's backward (and FSDP's reductions) alive on empty batches
     w = getattr(head, "weight", None)
     if type(head) is nn.Linear and head.bias is None and not hasattr(w, "device_mesh"):
@@ -541,41 +586,51 @@ def head_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, c
 
 @dataclass
 class AttnPlan:
-    kind: str  # "causal" | "mask" | "per_doc" | "per_doc_padded" | "flex" | "cache" (the cache attends)
+    kind: str  # "causal" | "mask" | "per_doc" | "varlen" | "flex" | "cache" (the cache attends)
     mask: torch.Tensor | None = None  # "mask": bool [B, 1, T, S], True = attend
-    doc_lens: list[list[int]] | None = None  # "per_doc": document lengths of each row
-    gather: torch.Tensor | None = None  # "per_doc_padded": [N, L] indices into the flattened B*T tokens
-    scatter: torch.Tensor | None = None  # "per_doc_padded": [B*T] indices into the flattened N*L document slots
+    doc_lens: list[int] | None = None  # "per_doc": document lengths over the flattened B*T tokens
+    cu_seqlens: torch.Tensor | None = None  # "varlen": int32 [N_docs + 1] on the device
+    max_seqlen: int = 0  # "varlen": the longest document
     block_mask: object = None  # "flex": a BlockMask
 
 
-def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask) -> AttnPlan:
+def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask, cu_seqlens=None, max_seqlen=None,
+                   B: int = 1) -> AttnPlan:
     if key_padding_mask is not None:
         valid = key_padding_mask.bool()
         i = torch.arange(T, device=valid.device)
         causal = i[:, None] >= i[None, :]
         mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)
         return AttnPlan("mask", mask=mask[:, None])
-    if doc_ids is None:
+    if doc_ids is None and cu_seqlens is None:
         return AttnPlan("causal")
-    seg = segment_ids(doc_ids)  # [B, T] global segment index
-    if impl == "sdpa_mask":
-        i = torch.arange(T, device=seg.device)
-        mask = (seg[:, :, None] == seg[:, None, :]) & (i[:, None] >= i[None, :])
-        return AttnPlan("mask", mask=mask[:, None])
-    if impl == "per_doc":
-        seg = seg.cpu()  # one host sync per forward
-        return AttnPlan("per_doc", doc_lens=[torch.unique_consecutive(r, return_counts=True)[1].tolist() for r in seg])
-    if impl == "per_doc_padded":
-        return padded_docs_plan(seg)
+    return packed_attn_plan(impl, B, T, doc_ids, cu_seqlens, max_seqlen)
+
+
+def packed_attn_plan(impl: str, B: int, T: int, doc_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                     max_seqlen: int | torch.Tensor | None) -> AttnPlan:
+    """Packed rows: the plan every layer of one forward shares. No host sync when packing.py's cu_seqlens
+    (and max_seqlen) are given; from doc_ids alone it costs one."""
     if impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
+
+        seg = segment_ids(doc_ids) if doc_ids is not None else doc_index(cu_seqlens, B * T).view(B, T)
 
         def doc_causal(b, h, q, kv):
             return (seg[b, q] == seg[b, kv]) & (q >= kv)
 
-        B = seg.shape[0]
-        return AttnPlan("flex", block_mask=create_block_mask(doc_causal, B, None, T, T, device=seg.device))
+        on_cuda = seg.device.type == "cuda"
+        return AttnPlan("flex", block_mask=create_block_mask(doc_causal, B, None, T, T, device=seg.device,
+                                                             _compile=on_cuda))
+    if cu_seqlens is None:
+        cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
+        max_seqlen = None
+    if impl == "per_doc":
+        return AttnPlan("per_doc", doc_lens=cu_seqlens.cpu().diff().tolist())
+    if impl == "varlen":
+        if max_seqlen is None:
+            max_seqlen = cu_seqlens.diff().max()
+        return AttnPlan("varlen", cu_seqlens=cu_seqlens.to(torch.int32), max_seqlen=int(max_seqlen))
     raise ValueError(f"attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
 
 
@@ -586,17 +641,47 @@ def segment_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return start.flatten().long().cumsum(0).view_as(doc_ids) - 1
 
 
-def padded_docs_plan(seg: torch.Tensor) -> AttnPlan:
-    """Index maps between the packed B*T tokens and a right-padded [N_docs, L_max] batch of documents."""
-    flat = seg.flatten()
-    lengths = torch.bincount(flat)
-    n, L = lengths.numel(), int(lengths.max())  # one host sync per forward
-    starts = lengths.cumsum(0) - lengths
-    slot = torch.arange(L, device=seg.device)
-    gather = (starts[:, None] + slot[None, :]).clamp(max=flat.numel() - 1)  # padding slots read any valid token
-    scatter = flat * L + (torch.arange(flat.numel(), device=seg.device) - starts[flat])
-    assert gather.shape == (n, L)
-    return AttnPlan("per_doc_padded", gather=gather, scatter=scatter)
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [N_docs + 1]: where each document (run of equal ids, never across rows) starts in the flattened
+    tokens, then the token count. One host sync (nonzero); packing.py computes it on the CPU instead."""
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = start.flatten().nonzero().squeeze(1)
+    return torch.cat([starts, starts.new_tensor([doc_ids.numel()])]).to(torch.int32)
+
+
+def doc_index(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """[n]: the document of each flattened token, from cu_seqlens (no host sync)."""
+    tokens = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.bucketize(tokens, cu_seqlens[1:], right=True)
+
+
+def varlen_available() -> bool:
+    """Whether this torch has torch.nn.attention.varlen (2.10+) and a CUDA device to run it."""
+    return torch.cuda.is_available() and _varlen_fn() is not None
+
+
+_VARLEN: list = []  # [(varlen_attn, its causal/GQA keyword arguments)] or [None], filled on first use
+
+
+def _varlen_fn():
+    """varlen_attn with the keywords this torch spells causal attention and GQA with: window_size=(-1, 0)
+    (2.11+) and/or is_causal=True (2.10), enable_gqa=True where it exists (without it the FlashAttention kernel
+    takes fewer K/V heads as they are)."""
+    if not _VARLEN:
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN.append(None)
+        else:
+            params = inspect.signature(varlen_attn).parameters
+            wanted = {"window_size": (-1, 0), "is_causal": True, "enable_gqa": True}
+            kw = {k: v for k, v in wanted.items() if k in params}
+            causal = "window_size" in kw or "is_causal" in kw  # else this torch cannot mask causally: unavailable
+            _VARLEN.append((varlen_attn, kw) if causal else None)
+    return _VARLEN[0]
 
 
 _compiled_flex = None
@@ -614,30 +699,37 @@ def _flex(q, k, v, block_mask):
 
 
 def attend(q, k, v, plan: AttnPlan) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
+    """Unpacked: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
     if plan.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if plan.kind == "mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=True)
+    raise ValueError(f"attend: plan {plan.kind!r} is a packed plan (attend_packed)")
+
+
+def attend_packed(q, k, v, plan: AttnPlan) -> torch.Tensor:
+    """Packed rows, token-major: q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""
+    B, T, H, D = q.shape
+    if plan.kind == "varlen":
+        if q.dtype not in (torch.float16, torch.bfloat16) or _varlen_fn() is None:
+            raise ValueError(f"attn_impl='varlen' needs torch>=2.10 on CUDA and bf16/fp16 activations (got {q.dtype} "
+                             f"on {q.device}); use attn_impl='flex' or 'auto'")
+        fn, kw = _varlen_fn()
+        cu, m = plan.cu_seqlens, plan.max_seqlen
+        y = fn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu, m, m, **kw)
+        return y.view(B, T, H, D)
     if plan.kind == "flex":
-        return _flex(q, k, v, plan.block_mask)
-    if plan.kind == "per_doc":  # split (not slicing: one cheap SplitBackward) -> causal SDPA per document -> cat
-        rows = []
-        for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), plan.doc_lens):
-            docs = zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1))
-            rows.append(torch.cat([F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True,
-                                                                  enable_gqa=True)[0] for a, b, c in docs], dim=1))
-        return torch.stack(rows)
-    B, H, T, D = q.shape
-    n, L = plan.gather.shape
-
-    def to_docs(x):  # [B, h, T, D] -> [N, h, L, D]
-        flat = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
-        return flat[plan.gather].transpose(1, 2)
-
-    y = F.scaled_dot_product_attention(to_docs(q), to_docs(k), to_docs(v), is_causal=True, enable_gqa=True)
-    y = y.transpose(1, 2).reshape(n * L, H, D)[plan.scatter]  # [B*T, H, D]
-    return y.view(B, T, H, D).transpose(1, 2)
+        y = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan.block_mask)
+        return y.transpose(1, 2)
+    if plan.kind == "per_doc":  # split (one cheap SplitBackward) -> causal SDPA per document -> cat
+        lens = plan.doc_lens
+        docs = zip(q.reshape(B * T, H, D).split(lens), k.reshape(B * T, -1, D).split(lens),
+                   v.reshape(B * T, -1, D).split(lens))
+        ys = [F.scaled_dot_product_attention(a.transpose(0, 1)[None], b.transpose(0, 1)[None],
+                                             c.transpose(0, 1)[None], is_causal=True, enable_gqa=True)[0]
+              for a, b, c in docs]
+        return torch.cat([y.transpose(0, 1) for y in ys]).view(B, T, H, D)
+    raise ValueError(f"attend_packed: plan {plan.kind!r} is not a packed plan")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,20 @@
 """The packed loader: fixed-length rows of whole documents from a data.py token cache.
 
     loader = PackedLoader("data/processed/<key>/train", seq_len=2048, batch_size=8, rank=r, world_size=w)
-    for batch in loader:  # dict of LongTensors [batch_size, seq_len]
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    for batch in loader.iter_on(device):  # tensors [batch_size, seq_len] on `device`, the next one in flight
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
+                       cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / batch["num_labels"]
+
+A batch holds int64 [B, T] `input_ids`, `labels`, `position_ids`, `doc_ids`; `cu_seqlens` (int32 [N_docs + 1],
+where every document, padding tails included, starts in the flattened B*T tokens, then B*T: what varlen
+attention takes); and numbers computed on the CPU so a trainer never reads them back from the device:
+`real_tokens` [B] (non-pad tokens per row), 0-d `num_tokens`, `num_labels` (labels != IGNORE_INDEX) and
+`max_seqlen` (the longest document); `label_pos` (int64 [num_labels], the flattened positions of those labels:
+`hidden.flatten(0, 1)[label_pos]` selects the trained positions without the host sync of a boolean mask). `to_device` / `iter_on` keep those (HOST_KEYS) on the CPU, and
+`max_seqlen` is also a plain int under `max_seqlen` there. With CUDA available the tensors are in pinned
+memory, so `to_device`'s non_blocking copies overlap compute.
 
 Labels are ALREADY SHIFTED: labels[b, t] is the target for position t, i.e. the next token of the same
 document when that token is trained (a completion token, EOS included), else IGNORE_INDEX. So the loss
@@ -18,12 +29,23 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data import IGNORE_INDEX, DataError
+
+HOST_KEYS = ("real_tokens", "num_tokens", "num_labels", "max_seqlen")  # stay on the CPU in to_device
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """The batch with its tensors on `device` (non_blocking: asynchronous from pinned memory, in stream order
+    before later kernels) except HOST_KEYS, which stay CPU tensors; `max_seqlen` becomes a plain int."""
+    out = {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+    out["max_seqlen"] = int(batch["max_seqlen"])
+    return out
 
 
 def best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
@@ -50,10 +72,12 @@ class PackedLoader:
 
     packing=False puts one document per row, padded to the longest row of the rank's batch.
     drop_last=False keeps the last partial global batch; missing rows are empty (all labels ignored).
+    pin_memory (default: whether CUDA is available) puts the batch tensors in page-locked memory.
     """
 
     def __init__(self, cache_dir: str | Path, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, packing: bool = True, drop_last: bool = True):
+                 world_size: int = 1, seed: int = 0, packing: bool = True, drop_last: bool = True,
+                 pin_memory: bool | None = None):
         cache_dir = Path(cache_dir)
         if not (cache_dir / "meta.json").exists():
             raise DataError(f"{cache_dir} is not a token cache (no meta.json); build it with "
@@ -72,6 +96,7 @@ class PackedLoader:
                             f"prepare with --max_seq_length {seq_len} or raise seq_len")
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.packing, self.drop_last = seed, packing, drop_last
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.pad_id = int(self.meta.get("pad_id") or 0)
         self.epoch, self.step = 0, 0
         self._plan: tuple[int, list[list[int]]] | None = None
@@ -159,8 +184,17 @@ class PackedLoader:
         cols = list(zip(*(self._fill(r, width) for r in mine)))
         names = ("input_ids", "labels", "position_ids", "doc_ids")
         out = {k: torch.from_numpy(np.stack(c)) for k, c in zip(names, cols)}
-        out["real_tokens"] = torch.tensor([int(self.lengths[r].sum()) if len(r) else 0 for r in mine])  # non-pad
-        return out
+        real = [int(self.lengths[r].sum()) if len(r) else 0 for r in mine]
+        seqs = []  # document lengths over the flattened rows: each row's documents, then its padding tail
+        for docs, n in zip(mine, real):
+            seqs += [int(self.lengths[d]) for d in docs] + ([width - n] if width > n else [])
+        out["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(seqs)]).astype(np.int32))
+        out["real_tokens"] = torch.tensor(real)  # non-pad tokens per row
+        out["num_tokens"] = torch.tensor(sum(real))
+        out["label_pos"] = (out["labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        out["num_labels"] = torch.tensor(len(out["label_pos"]))
+        out["max_seqlen"] = torch.tensor(max(seqs))
+        return {k: v.pin_memory() for k, v in out.items()} if self.pin_memory else out
 
     def __iter__(self):
         """Yield the remaining batches of the current epoch, then move to the next epoch."""
@@ -168,6 +202,18 @@ class PackedLoader:
             batch = self.batch(self.epoch, self.step)
             self.step += 1
             yield batch
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def iter_on(self, device: torch.device | str) -> Iterator[dict]:
+        """__iter__ with every batch moved by to_device, the next batch built and its copy queued before the
+        current one is handed out (host work and the copy overlap the caller's compute). The cursor moves only
+        as batches are handed out, so state_dict() stays exact."""
+        steps, nxt = self.steps_in_epoch(self.epoch), None
+        while self.step < steps:
+            cur = nxt if nxt is not None else to_device(self.batch(self.epoch, self.step), device)
+            nxt = to_device(self.batch(self.epoch, self.step + 1), device) if self.step + 1 < steps else None
+            self.step += 1
+            yield cur
         self.epoch, self.step = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -99,14 +99,9 @@ def log_setup(log: RunLog, cfg, world: int, device, model, dtype, data, warmup: 
         f"{data.epoch_end_steps[:8]}); warmup {warmup}; data cache {data.cache_root}")
     report = Path(data.cache_root) / "report.json"
     if report.is_file():
-        log("data: " + data_counts(json.loads(report.read_text())))
+        import data
 
-
-def data_counts(report: dict) -> str:
-    """Examples per split, bad rows skipped and examples truncated or dropped (data.report_counts)."""
-    import data
-
-    return data.report_counts(report)
+        log("data: " + data.report_counts(json.loads(report.read_text())))
 
 
 class StopFlag:

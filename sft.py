@@ -8,6 +8,13 @@
 Read top to bottom: config; distributed setup; model, optimizer, schedule, data; the loss (a mean over all
 completion tokens of the global batch); evaluation; the loop (`train`: step, log, evaluate, save, stop); `main`.
 Elsewhere: checkpoint.py (run folder, save/resume), runlog.py (console, logs, Ctrl-C), cli.py, less.py, dryrun.py.
+
+On a GPU a step has no host sync: token and label counts and the trained positions come from the CPU batch
+(packing.py), batches are copied non_blocking from pinned memory with the next micro-batch in flight, one
+all-reduce of [loss, tokens, labels, stop] per step normalises the gradients after the backward passes, and
+the fused AdamW skips a non-finite step on the device; numbers are read (one `.tolist()`) at logging,
+evaluation and save steps only. Each decoder block is compiled on CUDA (--compile; fixed row length and
+document boundaries as data, so batches do not recompile).
 """
 from __future__ import annotations
 
@@ -50,7 +57,9 @@ class Config:
     model_name_or_path: str = "models/Qwen2.5-0.5B"  # local HF folder (config.json, safetensors, tokenizer)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     activation_checkpointing: Bool = False  # recompute each block in backward (less memory, ~30% slower)
-    attn_impl: str = "auto"  # model.py attention: auto | sdpa_mask | per_doc | flex
+    activation_checkpointing_every: int = 1  # with activation checkpointing: only every k-th block (0, k, 2k, ...)
+    compile: Bool | None = None  # torch.compile each decoder block; default: on with CUDA, off on CPU
+    attn_impl: str = "auto"  # model.py attention: auto (CPU per_doc, CUDA varlen) | per_doc | varlen | flex
     loss_chunk_tokens: int = 1024  # lm_head + loss over completion tokens only, in recomputed chunks (0: off)
     # --- LoRA (--use_lora false: full fine-tuning)
     use_lora: Bool = True  # LoRA (base frozen, adapters trained); false: full fine-tuning
@@ -102,12 +111,13 @@ class Config:
     overwrite_output_dir: Bool = False  # delete an existing run's checkpoints and start over
     resume_from_checkpoint: str = ""  # auto (newest complete checkpoint of this job) | PATH
     save_strategy: Literal["steps", "epoch", "no"] = "steps"  # the last step is always saved
+    checksum: Bool = False  # sha256 of every checkpoint file in manifest.json, verified on resume (sizes always)
     save_steps: int = 100  # checkpoint every N steps with --save_strategy steps
     save_total_limit: int = 3  # interval checkpoints kept (0: all); best is kept in addition
     less_compat: Bool = False  # LESS layout: checkpoint-{step}, optimizer.bin (set by LESS flags)
     seed: int = 0  # model init (adapters), data order, dropout
     # --- evaluation
-    eval_steps: int = 0  # 0: no evaluation during training
+    eval_steps: int = 200  # evaluate every N steps and at the last step (0: no evaluation during training)
     eval_max_batches: int = 50  # validation-loss batches per evaluation
     eval_accuracy_samples: int = 0  # > 0: also greedy-decode this many validation problems (evalmath)
     eval_max_new_tokens: int = 512  # decoding budget for in-training accuracy
@@ -224,7 +234,10 @@ def build_model(cfg: Config, d: Dist, hf_config: dict, dtype: torch.dtype):
                                target_modules=tuple(cfg.lora_target_modules),
                                modules_to_save=tuple(cfg.lora_modules_to_save))
         lora.inject_lora(model, lcfg, dtype=torch.float32)  # adapters and saved modules fp32, frozen base `dtype`
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    model.set_activation_checkpointing(cfg.activation_checkpointing, every=cfg.activation_checkpointing_every)
+    if (d.device.type == "cuda") if cfg.compile is None else cfg.compile:  # per block (the FSDP2 unit): one graph
+        for block in model.model.layers:                                  # for all blocks, shapes fixed per run
+            block.compile()
     if d.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -324,50 +337,66 @@ def autocast(run: Run):
     return torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def loss_sum(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies, real non-pad tokens) of one micro-batch; labels are pre-shifted (packing.py).
+def loss_sum(run: Run, batch: dict) -> torch.Tensor:
+    """Sum of token cross-entropies of one micro-batch (a device tensor); labels are pre-shifted (packing.py).
     --loss_chunk_tokens N > 0 (default) takes the fast path: lm_head + loss over completion tokens only, N at a
     time (model.head_loss_sum, the same loss). To try another loss, edit the plain branch, --loss_chunk_tokens 0."""
-    b = {k: v.to(run.d.device, non_blocking=True) for k, v in batch.items()}
+    b = batch if batch["input_ids"].device == run.d.device else packing.to_device(batch, run.d.device)
     chunk = run.cfg.loss_chunk_tokens
     with autocast(run):
-        out = run.model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], return_hidden=chunk > 0)
+        out = run.model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
+                        cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], return_hidden=chunk > 0)
     if chunk > 0:
-        loss = head_loss_sum(run.model.lm_head, out, b["labels"], chunk, autocast(run), IGNORE_INDEX)
-    else:
-        loss = F.cross_entropy(out.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    return loss, int(b["real_tokens"].sum())
+        return head_loss_sum(run.model.lm_head, out, b["labels"], chunk, autocast(run), IGNORE_INDEX, b["label_pos"])
+    return F.cross_entropy(out.float().flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def train_step(run: Run, micro: list[dict]) -> dict:
-    """One optimizer step over this rank's micro-batches; no update on a non-finite loss or norm. FSDP averages
-    gradients over ranks, so each backward uses loss_sum * world / n_tokens (all ranks' completion tokens): the
-    average is then the gradient of the mean over tokens (gloo has no PREMUL_SUM for a divide factor of 1)."""
+    """One optimizer step over this rank's micro-batches (on the device) without a host sync. FSDP averages
+    gradients over ranks, so each backward uses loss_sum * world; one all-reduce of [loss, tokens, labels, stop]
+    then gives the global completion-token count and the gradients are divided by it: the gradient of the mean
+    over tokens (gloo has no PREMUL_SUM for a divide factor of 1). A non-finite loss or norm, or no labels: no
+    update (the fused CUDA AdamW skips it on the device via found_inf; on CPU the flag is read, which is free).
+    Returns device tensors; read_step turns them into numbers."""
     d, cfg = run.d, run.cfg
-    n_labels = torch.tensor([float(sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro))], device=d.device)
-    denom = float(all_reduce(n_labels, d).item())
-    total, tokens = torch.zeros((), device=d.device), 0
+    stop = float(run.stop.raised) if run.stop else 0.0
+    counts = torch.tensor([0.0, float(sum(int(m["num_tokens"]) for m in micro)),
+                           float(sum(int(m["num_labels"]) for m in micro)), stop])
+    # pinned + non_blocking: a plain host->device copy from pageable memory would wait for the GPU queue
+    sums = (counts.pin_memory() if d.device.type == "cuda" else counts).to(d.device, non_blocking=True)
     for i, m in enumerate(micro):
         if d.world > 1:  # reduce-scatter gradients on the last micro-batch only
             run.model.set_requires_gradient_sync(i == len(micro) - 1)
-        ls, ntok = loss_sum(run, m)
-        (ls * (d.world / max(denom, 1.0))).backward()
-        total += ls.detach()
-        tokens += ntok
-    loss = float(all_reduce(total, d).item()) / max(denom, 1.0)
+        ls = loss_sum(run, m)
+        (ls * d.world).backward()
+        sums[0] += ls.detach().float()
+    labels = all_reduce(sums, d)[2]
+    params = [p for _, p in run.named]
+    grads = [p.grad.to_local() if ck._is_dtensor(p.grad) else p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, 1.0 / labels.clamp(min=1.0))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_([p for _, p in run.named], max_norm)
-    norm = float((norm.full_tensor() if ck._is_dtensor(norm) else norm).item())
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if ck._is_dtensor(norm) else norm
     lr = run.sched(run.st.step)
-    ok = math.isfinite(loss) and math.isfinite(norm) and denom > 0
-    if ok:
-        for g in run.optim.param_groups:
-            g["lr"] = lr * g.get("lr_ratio", 1.0)
+    ok = torch.isfinite(sums[0]) & torch.isfinite(norm) & (labels > 0)
+    for g in run.optim.param_groups:
+        g["lr"] = lr * g.get("lr_ratio", 1.0)
+    if run.optim.defaults.get("fused"):
+        run.optim.found_inf = (~ok).float()  # the fused kernel leaves weights and moments alone when it is 1
+        run.optim.step()
+    elif bool(ok):
         run.optim.step()
     run.optim.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": norm, "lr": lr, "ok": ok, "label_tokens": int(denom),
-            "tokens": int(all_reduce(torch.tensor([float(tokens)], device=d.device), d).item())}
+    return {"sums": sums, "norm": norm, "ok": ok, "lr": lr}
+
+
+def read_step(res: dict) -> dict:
+    """The numbers of a train_step result (one device -> host copy)."""
+    loss, tokens, labels, stop, norm, ok = torch.cat([res["sums"], res["norm"].reshape(1).float(),
+                                                      res["ok"].reshape(1).float()]).tolist()
+    return {"loss": loss / max(labels, 1.0), "grad_norm": norm, "lr": res["lr"], "ok": ok > 0,
+            "label_tokens": int(labels), "tokens": int(tokens), "stop": stop > 0}
 
 
 # ============================================================================= evaluation
@@ -378,14 +407,19 @@ def evaluate(run: Run) -> dict:
     --eval_accuracy_samples N, greedy accuracy on N validation problems (evalmath)."""
     d, cfg, out = run.d, run.cfg, {}
     stopped = (lambda: run.stop.agreed(d.device)) if run.stop else (lambda: False)  # Ctrl-C: stop after a batch
+    n = min(cfg.eval_max_batches, run.data.valid.steps_in_epoch(0)) if run.data.valid is not None else 0
+    if n or cfg.eval_accuracy_samples:
+        run.log(f"evaluating at step {run.st.step}: {n} validation batches"
+                + (f", greedy accuracy on {cfg.eval_accuracy_samples} problems" if cfg.eval_accuracy_samples else ""))
     run.model.eval()
     if run.data.valid is not None:
         tot = torch.zeros(2, device=d.device)  # loss sum, completion tokens
-        for s in range(min(cfg.eval_max_batches, run.data.valid.steps_in_epoch(0))):
+        for s in range(n):
             if stopped():
                 return {}
             batch = run.data.valid.batch(0, s)
-            tot += torch.stack([loss_sum(run, batch)[0].float(), (batch["labels"] != IGNORE_INDEX).sum().to(tot)])
+            tot[0] += loss_sum(run, batch).float()
+            tot[1] += int(batch["num_labels"])
         if all_reduce(tot, d)[1] > 0:
             out["eval_loss"] = float(tot[0] / tot[1])
     if cfg.eval_accuracy_samples > 0:
@@ -400,12 +434,13 @@ def evaluate(run: Run) -> dict:
 
 def evaluate_and_track(run: Run) -> bool:
     """Evaluate and log; a new best --metric_for_best is saved as checkpoint-best. True: stop early (patience)."""
+    t0 = time.time()
     res = evaluate(run)
     if not res:
         return False
     run.last_eval = {"step": run.st.step, **res}
     run.log.metrics(run.last_eval)
-    run.log(f"eval step {run.st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    run.log(f"eval step {run.st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()) + f" ({time.time() - t0:.1f}s)")
     return ck.track_best(run, res)
 
 
@@ -432,51 +467,67 @@ class Run:
 
 
 def train(run: Run) -> None:
-    """Step, log, evaluate, save, stop; until the last step, a signal (saved first) or early stopping."""
+    """Step, log, evaluate, save, stop; until the last step, a signal (saved first) or early stopping. Step
+    results are read from the device at logging, evaluation and save steps (every step on CPU): a signal or a
+    run of non-finite steps is acted upon at the next of those (--logging_steps 1, the default: every step)."""
     cfg, d, data = run.cfg, run.d, run.data
     run.stop = StopFlag(say=d.main)
-    stream = (batch for _ in iter(int, 1) for batch in data.train)  # epoch after epoch
+    stream = (b for _ in iter(int, 1) for b in data.train.iter_on(d.device))  # epoch after epoch, next in flight
     recent = collections.deque(maxlen=20)  # seconds per step of the last steps, for the ETA
+    pending, t_read = [], time.time()  # train_step results not read yet; when the last read ended
     run.model.train()
     try:
         while run.st.step < data.total_steps:
-            st, t0 = run.st, time.time()
-            res = train_step(run, [next(stream) for _ in range(cfg.gradient_accumulation_steps)])
+            st = run.st
             st.step += 1
-            st.tokens_seen += res["tokens"]
-            if res["ok"]:
-                st.bad_in_row = 0
-            else:  # no completion tokens (nothing to learn) or a non-finite loss / norm: no update
-                st.skipped_steps += 1
-                st.bad_in_row += res["label_tokens"] > 0
-                why = (f"non-finite loss {res['loss']} or grad norm {res['grad_norm']}" if res["label_tokens"] else
-                       "no completion tokens in this batch (all truncated away?)")
-                run.log(f"step {st.step}: {why}: update skipped ({st.bad_in_row} in a row, {st.skipped_steps} in all)")
-                if st.bad_in_row >= cfg.max_bad_steps:
-                    raise UserError(f"error: {st.bad_in_row} non-finite steps in a row (--max_bad_steps); stopping. "
-                                    f"The last good checkpoint is in {run.job_dir} ({ck.LATEST}). Lower "
-                                    f"--learning_rate, check the data, or use --precision fp32.")
-            dt = time.time() - t0
-            recent.append(dt)
-            if st.step % cfg.logging_steps == 0 or st.step == data.total_steps:
+            pending.append((st.step, train_step(run, [next(stream) for _ in range(cfg.gradient_accumulation_steps)])))
+            log_now = st.step % cfg.logging_steps == 0 or st.step == data.total_steps
+            eval_now = cfg.eval_steps > 0 and (st.step % cfg.eval_steps == 0 or st.step == data.total_steps)
+            if not (log_now or eval_now or ck.due(run) or d.device.type != "cuda"):
+                continue
+            steps, pending = [(n, read_step(r)) for n, r in pending], []
+            dt = time.time() - t_read
+            recent.extend([dt / len(steps)] * len(steps))
+            for n, res in steps:
+                _account(run, n, res)
+            stopping = any(r["stop"] for _, r in steps)
+            if log_now:
+                res, tokens = steps[-1][1], sum(r["tokens"] for _, r in steps)
                 eta = sum(recent) / len(recent) * (data.total_steps - st.step)
                 epoch = st.step / data.updates_per_epoch
                 run.log(f"step {st.step}/{data.total_steps} | loss {res['loss']:.4f} | lr {res['lr']:.3e} | grad norm "
-                        f"{res['grad_norm']:.3f} | {res['tokens'] / dt:,.0f} tok/s | epoch {epoch:.2f} | ETA {fmt_time(eta)}")
+                        f"{res['grad_norm']:.3f} | {tokens / dt:,.0f} tok/s | epoch {epoch:.2f} | ETA {fmt_time(eta)}")
                 run.log.metrics({"step": st.step, "loss": res["loss"], "lr": res["lr"], "grad_norm": res["grad_norm"],
-                                 "tokens": res["tokens"], "tokens_per_s": res["tokens"] / dt,
+                                 "tokens": res["tokens"], "tokens_per_s": tokens / dt,
                                  "label_tokens": res["label_tokens"], "epoch": epoch})
-            early = (cfg.eval_steps > 0 and (st.step % cfg.eval_steps == 0 or st.step == data.total_steps)
-                     and evaluate_and_track(run))
-            stopping = run.stop.agreed(d.device)
+            early = eval_now and evaluate_and_track(run)
             if early or stopping or ck.due(run):
                 ck.save(run, "signal" if stopping else "early stop" if early else "interval")
+            t_read = time.time()
             if stopping or early:
                 run.log(("stopping on a signal" if stopping else "early stopping") + f" at step {st.step}")
                 return
     finally:
         run.stop.restore()
         run.stop = None
+
+
+def _account(run: Run, step: int, res: dict) -> None:
+    """Token and skipped-step bookkeeping of one read step; --max_bad_steps non-finite steps in a row stop."""
+    st, cfg = run.st, run.cfg
+    st.tokens_seen += res["tokens"]
+    if res["ok"]:
+        st.bad_in_row = 0
+        return
+    st.skipped_steps += 1  # no completion tokens (nothing to learn) or a non-finite loss / norm: no update
+    st.bad_in_row += res["label_tokens"] > 0
+    why = (f"non-finite loss {res['loss']} or grad norm {res['grad_norm']}" if res["label_tokens"] else
+           "no completion tokens in this batch (all truncated away?)")
+    run.log(f"step {step}: {why}: update skipped ({st.bad_in_row} in a row, {st.skipped_steps} in all)")
+    if st.bad_in_row >= cfg.max_bad_steps:
+        raise UserError(f"error: {st.bad_in_row} non-finite steps in a row (--max_bad_steps); stopping. "
+                        f"The last good checkpoint is in {run.job_dir} ({ck.LATEST}). Lower "
+                        f"--learning_rate, check the data, or use --precision fp32.")
 
 
 # ============================================================================= main

@@ -28,7 +28,7 @@ from packing import PackedLoader  # noqa: E402
 @dataclass
 class Args:
     data_dir: str = "data/raw"
-    tokenizer: str = "models/qwen2.5-0.5b"
+    tokenizer: str = "models/Qwen2.5-0.5B"
     template: str = "boxed"
     max_seq_length: int = 2048
     num_proc: int = 2  # compared side by side with 1

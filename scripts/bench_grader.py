@@ -116,7 +116,7 @@ def main() -> None:
         times.append(dt)
         slowest = max(slowest, (dt, c["id"]))
     ms = [t * 1e3 for t in times]
-    print(f"command: python scripts/bench_grader.py --repeats {a.repeats}  "
+    print(f"command: python scripts/bench_grader.py {' '.join(sys.argv[1:])}  "
           f"(python {platform.python_version()}, sympy {sympy.__version__}, {platform.machine()})\n")
     print("| case file | cases (incorrect) | accuracy | false positives | false negatives |\n| --- | --- | --- | --- | --- |")
     for path, cs in sets:

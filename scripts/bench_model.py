@@ -104,7 +104,8 @@ def cases(cfg: Bench, native: M.Transformer, hf, seq_len: int, docs):
     w_packed = torch.ones_like(ids, dtype=torch.float32)
     pids, pmask = (t.to(dev) for t in pad(pdocs))
     w_pad = pmask.float()
-    impls = ["sdpa_mask", "per_doc", "per_doc_padded"] + (["flex"] if dev == "cuda" else [])
+    impls = ["per_doc"] + (["flex"] + (["varlen"] if M.varlen_available() and cfg.dtype != "float32" else [])
+                           if dev == "cuda" else [])
 
     def native_packed(impl):
         def run():

@@ -26,10 +26,10 @@ def main() -> None:
     if where == "during_save":
         commit = checkpoint.commit
 
-        def dying_commit(job_dir, tmp, name):
+        def dying_commit(job_dir, tmp, name, *rest):
             if name == checkpoint.checkpoint_name(step) or name == checkpoint.checkpoint_name(step, True):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return commit(job_dir, tmp, name)
+            return commit(job_dir, tmp, name, *rest)
 
         checkpoint.commit = dying_commit
     else:

@@ -343,7 +343,8 @@ def test_rows_never_mix_documents(cache):
     meta = json.loads((cache / "meta.json").read_text())
     n_trained = 0
     for b in loader:
-        assert b["input_ids"].shape == (2, 1024) and all(v.dtype == torch.long for v in b.values())
+        assert b["input_ids"].shape == (2, 1024) and all(v.dtype == torch.long for k, v in b.items()
+                                                         if k != "cu_seqlens")
         ids, lab, pos, doc = b["input_ids"], b["labels"], b["position_ids"], b["doc_ids"]
         on = lab != IGNORE_INDEX
         n_trained += int(on.sum())
@@ -356,6 +357,37 @@ def test_rows_never_mix_documents(cache):
         assert torch.equal(pos == 0, starts)  # positions restart exactly at each document
     assert n_trained == meta["num_trained_tokens"]  # every completion token, EOS included, once
     assert loader.epoch == 1 and loader.step == 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_counts_and_cu_seqlens_are_computed_on_the_cpu(cache, packing):
+    """cu_seqlens / max_seqlen / num_tokens / num_labels equal what the device would compute from the batch."""
+    from model import cu_seqlens_from_doc_ids
+
+    loader = PackedLoader(cache, seq_len=1024, batch_size=3, seed=1, packing=packing, drop_last=False)
+    for b in loader:
+        cu = b["cu_seqlens"]
+        assert cu.dtype == torch.int32 and torch.equal(cu, cu_seqlens_from_doc_ids(b["doc_ids"]))
+        assert int(b["max_seqlen"]) == int(cu.diff().max()) and int(cu[-1]) == b["input_ids"].numel()
+        assert int(b["num_labels"]) == int((b["labels"] != IGNORE_INDEX).sum()) == len(b["label_pos"])
+        assert torch.equal(b["labels"].flatten()[b["label_pos"]], b["labels"][b["labels"] != IGNORE_INDEX])
+        assert int(b["num_tokens"]) == int(b["real_tokens"].sum())
+        assert not b["input_ids"].is_pinned()  # no CUDA here: pin_memory defaults to off
+
+
+def test_iter_on_device_yields_the_same_batches_and_keeps_the_cursor_exact(cache):
+    """iter_on builds the next batch ahead, but state_dict() after k batches is __iter__'s after k batches."""
+    from packing import HOST_KEYS
+
+    a = PackedLoader(cache, seq_len=1024, batch_size=2, seed=5)
+    b = PackedLoader(cache, seq_len=1024, batch_size=2, seed=5)
+    plain, ahead = iter(a), b.iter_on("cpu")
+    for _ in range(3):
+        x, y = next(plain), next(ahead)
+        assert a.state_dict() == b.state_dict()
+        assert isinstance(y["max_seqlen"], int) and all(y[k].device.type == "cpu" for k in HOST_KEYS[:-1])
+        assert all(torch.equal(x[k], y[k]) for k in x if k != "max_seqlen") and y["max_seqlen"] == int(x["max_seqlen"])
+    assert sum(1 for _ in ahead) == a.steps_in_epoch(0) - 3 and b.epoch == 1 and b.step == 0
 
 
 def test_resume_yields_exactly_the_remaining_batches(cache):

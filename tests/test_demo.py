@@ -1,4 +1,4 @@
-"""The demo, end to end through the real CLIs (synthetic data, make-tiny, evalmath, sft.py, report).
+"""The demo, end to end through the real CLIs (synthetic data, maketiny.py, evalmath, sft.py, report).
 
 All three run in CI (marked slow): the CI-sized presets of LoRA and full fine-tuning (~2 min each on a quiet
 2-core machine) and the full default demo, which must reach >= 90% on held-out problems. The default suite

@@ -120,7 +120,7 @@ def test_damaged_checkpoint_in_a_run_folder(tiny, problems, tmp_path):
 
     job = tmp_path / "job"
     ckpt = copy_model(tiny, job / "checkpoint-000004")
-    ck.write_manifest(ckpt, {"name": ckpt.name})
+    ck.write_manifest(ckpt, {"name": ckpt.name}, checksum=True)  # sft.py --checksum
     (job / "latest").write_text(ckpt.name + "\n")
     weights = ckpt / "model.safetensors"
     raw = bytearray(weights.read_bytes())

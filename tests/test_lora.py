@@ -489,3 +489,45 @@ def test_modules_to_save_errors(base):
     with pytest.raises(ValueError, match=r"modules_to_save \['embed_tokens'\] have no tensors"):
         lora.save_adapter({n: p for n, p in lora.trainable_parameters(model)},
                           LoraConfig(r=4, alpha=8, modules_to_save=("norm", "embed_tokens")), "/nonexistent", "base")
+
+
+def test_bf16_adapters_same_numbers_as_fsdp2_and_no_fp32_activation_copies():
+    """fp32 master adapters with bf16 activations (one GPU) give bitwise the outputs and gradients of bf16
+    adapter weights (what FSDP2's param_dtype=bf16 computes with), with or without autocast, and no fp32
+    tensor of activation size is created in forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    master = LoRALinear.from_linear(nn.Linear(64, 48, bias=True), r=4, alpha=8)
+    master.weight.data, master.bias.data = master.weight.data.bfloat16(), master.bias.data.bfloat16()
+    nn.init.normal_(master.lora_B.weight)
+    fsdp_like = copy.deepcopy(master)
+    fsdp_like.lora_A.weight.data, fsdp_like.lora_B.weight.data = (fsdp_like.lora_A.weight.data.bfloat16(),
+                                                                  fsdp_like.lora_B.weight.data.bfloat16())
+    x, dy = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(32, 48, dtype=torch.bfloat16)
+
+    class BigFp32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= 32 * 48:
+                    self.seen.append(func)
+            return out
+
+    def run(m, autocast):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), BigFp32() as mode:
+            y = m(x)
+            y.backward(dy)
+        return y, [m.lora_A.weight.grad.float(), m.lora_B.weight.grad.float()], mode.seen
+
+    ref, ref_grads, _ = run(fsdp_like, False)
+    for autocast in (False, True):
+        y, grads, big = run(master, autocast)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref) and not big, (autocast, big)
+        assert master.lora_A.weight.grad.dtype == torch.float32
+        assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))

@@ -88,32 +88,60 @@ def test_reads_old_and_new_config_styles(shared):
     assert M.ModelArgs.from_hf_config(new).rope_scaling["factor"] == 8.0
 
 
-def packed_example():
-    """One packed row (docs of 7, 12, 5 tokens + 4 padding tokens as their own doc) and a second row."""
+PACKED_ROWS = [
+    [7, 12, 5, 4],  # three documents and a padding tail (its own document)
+    [28],  # one document filling the row
+    [2, 1, 3, 1, 4, 2, 5, 1, 3, 2, 4],  # many short documents, some of one token
+    [9, 19],  # the last document cut at the row end (no padding tail)
+]
+
+
+def packed_example(lens=None):
+    """Packed rows of 28 tokens (PACKED_ROWS by default): input ids, doc_ids, document lengths per row."""
+    lens = lens or PACKED_ROWS
     g = torch.Generator().manual_seed(1)
-    lens = [[7, 12, 5, 4], [20, 8]]
-    ids = torch.randint(0, V, (2, 28), generator=g)
-    doc_ids = torch.cat([torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lens]).view(2, 28)
+    ids = torch.randint(0, V, (len(lens), 28), generator=g)
+    doc_ids = torch.stack([torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lens])
     return ids, doc_ids, lens
 
 
-def cpu_impls(requires_grad: bool):
-    return ["sdpa_mask", "per_doc", "per_doc_padded"] + ([] if requires_grad else ["flex"])
+def cu_seqlens_of(lens):
+    """What packing.py gives: document boundaries over the flattened rows, int32, on the CPU."""
+    flat = [n for row in lens for n in row]
+    return torch.tensor([0, *torch.tensor(flat).cumsum(0).tolist()], dtype=torch.int32), max(flat)
+
+
+def each_document_alone(m, ids, lens):
+    """The exact reference: every document run on its own, plain causal attention -> [B, T, V] logits."""
+    out = []
+    for b, row in enumerate(lens):
+        s, parts = 0, []
+        for n in row:
+            parts.append(m(ids[b : b + 1, s : s + n])[0])
+            s += n
+        out.append(torch.cat(parts))
+    return torch.stack(out)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("impl", cpu_impls(requires_grad=False))
-def test_packed_row_equals_each_document_alone(hf_dirs, impl):
+@pytest.mark.parametrize("impl,given", [("per_doc", False), ("per_doc", True), ("flex", False), ("flex", True)])
+def test_packed_rows_equal_each_document_alone(hf_dirs, impl, given):
+    """Forward (flex has no CPU backward): doc_ids alone, or packing.py's cu_seqlens + position_ids."""
     m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
     ids, doc_ids, lens = packed_example()
+    kw = dict(doc_ids=doc_ids)
+    if given:
+        cu, mx = cu_seqlens_of(lens)
+        kw = dict(cu_seqlens=cu, max_seqlen=mx, position_ids=M.positions_from_doc_ids(doc_ids))
     with torch.no_grad():
-        packed = m(ids, doc_ids=doc_ids)
-        for b, row in enumerate(lens):
-            s = 0
-            for n in row:
-                alone = m(ids[b : b + 1, s : s + n])[0]
-                assert (packed[b, s : s + n] - alone).abs().max().item() <= 1e-5
-                s += n
+        assert (m(ids, **kw) - each_document_alone(m, ids, lens)).abs().max().item() <= 1e-5
+
+
+def test_cu_seqlens_from_doc_ids_and_doc_index():
+    ids, doc_ids, lens = packed_example()
+    cu, mx = cu_seqlens_of(lens)
+    assert torch.equal(M.cu_seqlens_from_doc_ids(doc_ids), cu) and mx == 28
+    assert torch.equal(M.doc_index(cu, doc_ids.numel()).view_as(doc_ids), M.segment_ids(doc_ids))
 
 
 def test_packed_matches_transformers_position_ids_path(hf_dirs):
@@ -122,21 +150,48 @@ def test_packed_matches_transformers_position_ids_path(hf_dirs):
     pos = M.positions_from_doc_ids(doc_ids)
     assert pos[0, :9].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
     with torch.no_grad():
-        theirs = torch.cat([hf(ids[b : b + 1], position_ids=pos[b : b + 1], use_cache=False).logits for b in range(2)])
+        theirs = torch.cat([hf(ids[b : b + 1], position_ids=pos[b : b + 1], use_cache=False).logits
+                            for b in range(len(ids))])
         assert (m(ids, doc_ids=doc_ids) - theirs).abs().max().item() <= 1e-4
 
 
-def test_packed_gradients_agree_across_impls_and_checkpointing(hf_dirs):
-    ids, doc_ids, _ = packed_example()
+def test_packed_gradients_equal_each_document_alone(hf_dirs):
+    """per_doc (doc_ids, or cu_seqlens; with and without activation checkpointing) against the reference."""
+    ids, doc_ids, lens = packed_example()
+    cu, mx = cu_seqlens_of(lens)
+    given = dict(cu_seqlens=cu, max_seqlen=mx, position_ids=M.positions_from_doc_ids(doc_ids))
     grads = {}
-    for impl, ckpt in [(i, False) for i in cpu_impls(requires_grad=True)] + [("per_doc", True)]:
-        m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl=impl)
-        m.set_activation_checkpointing(ckpt)
-        m(ids, doc_ids=doc_ids).logsumexp(-1).mean().backward()
-        grads[impl, ckpt] = torch.cat([p.grad.flatten() for p in m.parameters()])
-    ref = grads["sdpa_mask", False]
-    for g in grads.values():
-        assert (g - ref).abs().max().item() <= 1e-5
+    for name, kw, ckpt in [("ref", None, 0), ("doc_ids", dict(doc_ids=doc_ids), 0), ("cu_seqlens", given, 0),
+                           ("checkpointed", dict(doc_ids=doc_ids), 1), ("every 2nd block", given, 2)]:
+        m = M.Transformer.from_pretrained(hf_dirs["llama"], attn_impl="per_doc")
+        m.set_activation_checkpointing(ckpt > 0, every=max(ckpt, 1))
+        logits = each_document_alone(m, ids, lens) if kw is None else m(ids, **kw)
+        logits.logsumexp(-1).mean().backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    for name, g in grads.items():
+        assert (g - grads["ref"]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["varlen", "flex"])
+def test_cuda_packed_impls_match_per_doc(hf_dirs, impl):
+    """bf16 on CUDA (FlashAttention has no fp32 kernel): logits and gradients of varlen / compiled flex against
+    per_doc (one causal SDPA call per document) on the same packed rows."""
+    if impl == "varlen" and not M.varlen_available():
+        pytest.skip("torch.nn.attention.varlen is not in this torch")
+    ids, doc_ids, lens = packed_example()
+    cu, mx = cu_seqlens_of(lens)
+    out = {}
+    for name in ("per_doc", impl):
+        m = M.Transformer.from_pretrained(hf_dirs["llama"], dtype=torch.bfloat16, device="cuda", attn_impl=name)
+        logits = m(ids.cuda(), position_ids=M.positions_from_doc_ids(doc_ids).cuda(), cu_seqlens=cu.cuda(),
+                   max_seqlen=mx)
+        logits.float().logsumexp(-1).mean().backward()
+        out[name] = logits.float(), torch.cat([p.grad.float().flatten() for p in m.parameters()])
+    (l0, g0), (l1, g1) = out["per_doc"], out[impl]
+    assert (l1 - l0).abs().max().item() <= 2e-2 * l0.abs().max().item()
+    assert (g1 - g0).norm().item() <= 2e-2 * g0.norm().item()
 
 
 def test_padded_batch_with_key_padding_mask_equals_each_alone(hf_dirs):
@@ -302,3 +357,41 @@ def test_small_row_linear_equals_module(rows):
         x = torch.randn(rows, 1, 48, generator=g)
         with torch.no_grad():
             torch.testing.assert_close(M.linear(lin, x), lin(x), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_values_grads_and_no_grad_work():
+    """Summed CE and its gradients equal autograd's; without grad mode (evaluation) only the forward matmuls run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    N, h, V_ = 37, 16, 50
+    x, w = torch.randn(N, h, generator=g, requires_grad=True), torch.randn(V_, h, generator=g, requires_grad=True)
+    y = torch.randint(0, V_, (N,), generator=g)
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y, reduction="sum")
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    with FlopCounterMode(display=False) as train_flops:
+        loss = M.linear_cross_entropy(x, w, y, chunk=8)
+        gx, gw = torch.autograd.grad(loss, (x, w))
+    assert abs(loss.item() - ref.item()) <= 1e-4 and (gx - rx).abs().max() <= 1e-5 and (gw - rw).abs().max() <= 1e-5
+    with torch.no_grad(), FlopCounterMode(display=False) as eval_flops:
+        ev = M.linear_cross_entropy(x, w, y, chunk=8)
+    assert ev.item() == loss.item() and ev.grad_fn is None
+    matmul = 2 * N * h * V_
+    # (FlopCounterMode does not see the in-place addmm_ of the weight gradient: forward + input gradient)
+    assert eval_flops.get_total_flops() == matmul and train_flops.get_total_flops() == 2 * matmul
+    w.requires_grad_(False)  # a frozen head (LoRA)
+    (gx2,) = torch.autograd.grad(M.linear_cross_entropy(x, w, y, chunk=8), (x,))
+    assert torch.equal(gx2, gx)
+
+
+@pytest.mark.parametrize("every,expected", [(1, [2, 2, 2, 2]), (2, [2, 1, 2, 1]), (3, [2, 1, 1, 2])])
+def test_activation_checkpointing_every_kth_block_recomputes_only_those(every, expected):
+    args = M.ModelArgs(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2)
+    m = M.Transformer.from_args(args, generator=torch.Generator().manual_seed(0))
+    m.set_activation_checkpointing(True, every=every)
+    calls = [0] * 4
+    for i, layer in enumerate(m.model.layers):
+        layer.register_forward_pre_hook(lambda mod, inp, i=i: calls.__setitem__(i, calls[i] + 1))
+    m(torch.randint(0, V, (1, 12))).sum().backward()
+    assert calls == expected  # a checkpointed block runs again in backward

@@ -307,7 +307,7 @@ def test_lora_modules_to_save_resume_is_exact(work):
     come back, so losses and final state equal the uninterrupted run's."""
     out = work / "out"
     ref = base_args(work, "mts_ref", "--max_steps", "4", "--save_steps", "2", "--lora_dropout", "0.1", *MTS_ARGS)
-    run_sft(ref)
+    sft.main(ref)
     kill = with_job(ref, "mts_kill")
     assert run_sft(kill, kill_at="3", check=False).returncode == -signal.SIGKILL
     p = run_sft(kill + ["--resume_from_checkpoint", "auto"])
@@ -357,7 +357,7 @@ def with_job(args: list[str], job: str) -> list[str]:
 def reference(work) -> list[str]:
     """An uninterrupted 8-step LoRA run (dropout on, so the RNG state matters) to compare resumes with."""
     args = base_args(work, "ref", "--max_steps", "8", "--save_steps", "3", "--lora_r", "4", "--lora_dropout", "0.1")
-    run_sft(args)
+    sft.main(args)  # in this process: the same computation as `python sft.py` (one thread), without a start-up
     return args
 
 
@@ -457,7 +457,7 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
     results = []
     for chunk in (0, 7, 100000):
         run.cfg.loss_chunk_tokens = chunk
-        loss, _ = sft.loss_sum(run, batch)
+        loss = sft.loss_sum(run, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named}))
         run.optim.zero_grad(set_to_none=True)
@@ -465,6 +465,34 @@ def test_chunked_loss_equals_full_logits_loss(work, mode):
         torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-4)
         for n in results[0][1]:
             torch.testing.assert_close(results[0][1][n], other[1][n], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_device(work):
+    """The CUDA path (fused AdamW, found_inf set from the device-side ok flag, no host read) on CPU: a step
+    with a non-finite loss leaves weights and optimizer state bitwise alone, the next finite step updates."""
+    import packing
+
+    cfg, notes = sft.parse_args(base_args(work, "fused", "--max_steps", "2"))
+    run = sft.setup(cfg, sft.init_distributed(), notes)
+    run.optim = torch.optim.AdamW([p for _, p in run.named], lr=1e-2, fused=True)
+    run.sched = lambda step: 1e-2  # no warm-up: every good step moves the weights
+    micro = [packing.to_device(run.data.train.batch(0, 0), "cpu")]
+    sft.train_step(run, micro)
+    before = {n: p.detach().clone() for n, p in run.named}
+    moments = {id(p): {k: v.clone() for k, v in run.optim.state[p].items()} for _, p in run.named}
+    name, p0 = run.named[0]
+    keep = p0.detach().clone()
+    with torch.no_grad():
+        p0.fill_(float("inf"))
+    bad = sft.read_step(sft.train_step(run, micro))
+    assert not bad["ok"] and torch.isinf(p0).all()
+    with torch.no_grad():
+        p0.copy_(keep)
+    before[name] = keep
+    assert all(torch.equal(p, before[n]) for n, p in run.named)
+    assert all(torch.equal(run.optim.state[p][k], moments[id(p)][k]) for _, p in run.named for k in moments[id(p)])
+    good = sft.read_step(sft.train_step(run, micro))
+    assert good["ok"] and not torch.equal(run.named[0][1], before[name])
 
 
 def test_non_finite_steps_are_skipped_then_abort(work):
@@ -507,26 +535,23 @@ def test_less_lora_train_script_end_to_end(work):
     assert {"adapter_model.safetensors", "optimizer.bin", "tokenizer.json"} <= {x.name for x in (job / "checkpoint-3").iterdir()}
 
 
-def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work):
-    """Two sft.py on one run folder: the second (here `--resume_from_checkpoint auto`) stops with one line
-    naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead process
-    is reported and taken over."""
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work, capsys):
+    """Two sft.py on one run folder: the second (`--resume_from_checkpoint auto`, `--overwrite_output_dir`) stops
+    with one line naming the holder and touches nothing; the first finishes undisturbed. A lock left by a dead
+    process is reported and taken over."""
     args = base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     job = work / "out" / "locked"
-    metrics = job / "metrics.jsonl"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-            time.sleep(0.05)
+        for line in first.stdout:
+            if "step 1/400" in line:
+                break
         for extra in (["--resume_from_checkpoint", "auto"], ["--overwrite_output_dir", "true"]):
-            p = run_sft(args + extra, check=False)
-            assert p.returncode != 0
-            err = p.stderr.strip().splitlines()
-            assert len(err) == 1 and f"in use by pid {first.pid}" in err[0], p.stderr[-2000:]
-        assert metrics.is_file() and (job / ck.LOCK).is_file()
+            line = _one_line_error(args + extra, capsys)
+            assert f"in use by pid {first.pid}" in line, line
+        assert (job / "metrics.jsonl").is_file() and (job / ck.LOCK).is_file()
     finally:
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=300)
@@ -537,9 +562,9 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(work):
     # a lock from a process that no longer runs (pid of a finished child) is reported and taken over
     dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (job / ck.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
-    p = run_sft(with_job(base_args(work, "locked", "--max_steps", "400", "--save_steps", "1000", "--lora_r", "4"),
-                         "locked") + ["--resume_from_checkpoint", "auto", "--max_steps", "1"], check=False)
-    assert "removed a stale lock" in p.stdout and f"pid {int(dead.stdout)}" in p.stdout, p.stdout[-2000:]
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "1"])
+    log = (job / "train.log").read_text()
+    assert "removed a stale lock" in log and f"pid {int(dead.stdout)}" in log
 
 
 def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
@@ -555,21 +580,161 @@ def test_auto_resume_with_every_checkpoint_damaged_moves_them_aside(work):
     sft.main(args + ["--resume_from_checkpoint", "auto"])
     aside = list(job.glob("damaged-*"))
     assert len(aside) == 1
-    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "latest",
-                                                          "metrics.jsonl"]
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-best",
+                                                          "latest", "metrics.jsonl"]
     assert (aside[0] / "metrics.jsonl").read_text() == old_metrics
     assert (aside[0] / "checkpoint-000001" / "trainer_state.json").read_text() == "{}"
     assert [s for s, _ in losses(job)] == [1, 2] and ck.verify(job / "checkpoint-000002") is None
-    assert f"into {aside[0]}" in (job / "train.log").read_text()
+    log = (job / "train.log").read_text()
+    assert f"into {aside[0]}" in log
+    assert "data: " in log and "bad rows skipped" in log  # the data counts reach train.log, not only report.md
+    # resumed with another --max_steps: the run says that the schedule was recomputed
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--max_steps", "3"])
+    assert "the schedule was recomputed: 3 total steps now" in (job / "train.log").read_text()
+    assert [s for s, _ in losses(job)] == [1, 2, 3]
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    """Run sft.py's main through cli.run_main (as `python sft.py` does): the exit status is 2 and stderr holds
+    exactly one line, no traceback. Returns that line."""
+    import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(sft.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_user_mistakes_end_in_one_line_and_write_nothing(work, tmp_path, capsys):
+    """Bad flags, a config.json that is not JSON, an unsupported architecture or RoPE type, a truncated or
+    random-bytes model.safetensors: one line naming the flag or file, exit status 2, and nothing written into
+    the run folder (so the corrected command runs there without --overwrite_output_dir)."""
+    import shutil
+
+    out = tmp_path / "out"
+
+    def args(model, *extra):
+        a = base_args(work, "bad", "--max_steps", "1", "--model_name_or_path", str(model), *extra)
+        a[a.index("--output_dir") + 1] = str(out)
+        return a
+
+    def broken(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(work / "tiny", folder)
+        edit(folder)
+        return folder
+
+    config = json.loads((work / "tiny" / "config.json").read_text())
+    weights = (work / "tiny" / "model.safetensors").read_bytes()
+    cases = [
+        (args(work / "tiny", "--learning_rate", "-1e-3"), "--learning_rate must be > 0"),
+        (args(work / "tiny", "--lora_r", "0"), "--lora_r must be >= 1"),
+        (args(broken("notjson", lambda f: (f / "config.json").write_text('{"model_type": qwen2}'))),
+         "not valid JSON at line 1, column 16"),
+        (args(broken("gpt2", lambda f: (f / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"})))),
+         "unsupported model_type 'gpt2'"),
+        (args(broken("yarn", lambda f: (f / "config.json").write_text(json.dumps(
+            {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})))), "unsupported rope_type 'yarn'"),
+        (args(broken("truncated", lambda f: (f / "model.safetensors").write_bytes(weights[:len(weights) // 2]))),
+         "truncated or damaged"),
+        (args(broken("random", lambda f: (f / "model.safetensors").write_bytes(os.urandom(4096)))),
+         "truncated or damaged"),
+    ]
+    for argv, expected in cases:
+        line = _one_line_error(argv, capsys)
+        assert line.startswith("error: ") and expected in line, (expected, line)
+        assert not (out / "bad").exists() or list((out / "bad").iterdir()) == [], list((out / "bad").iterdir())
+    # the real command line: the same one line from `python sft.py`
+    p = run_sft(cases[-1][0], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "truncated or damaged" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_start_does_not_block_the_retry(work, tmp_path, capsys):
+    """A first run that fails on its data (no such data folder) leaves nothing in the run folder: the corrected
+    command starts there, without --overwrite_output_dir."""
+    out = tmp_path / "out"
+    bad = ["--model_name_or_path", str(work / "tiny"), "--datasets", "gsm8k", "--data_dir", str(tmp_path / "nodata"),
+           "--output_dir", str(out), "--job_name", "retry", "--max_steps", "1", "--num_threads", "1",
+           "--data_cache_dir", str(work / "cache"), "--lora_r", "4"]
+    line = _one_line_error(bad, capsys)
+    assert "nodata" in line
+    good = base_args(work, "retry", "--max_steps", "1", "--lora_r", "4")
+    good[good.index("--output_dir") + 1] = str(out)
+    sft.main(good)
+    assert ck.verify(out / "retry" / "checkpoint-000001") is None and not (out / "retry" / ck.LOCK).exists()
+    # a run that wrote its config but died before its first save: restartable as is, and it says so
+    (out / "retry2").mkdir()
+    (out / "retry2" / "config.json").write_text("{}")
+    (out / "retry2" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    sft.main(with_job(good, "retry2"))
+    log = (out / "retry2" / "train.log").read_text()
+    assert "saved no checkpoint: starting it again" in log and [s for s, _ in losses(out / "retry2")] == [1]
+
+
+def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
+    """SIGINT while the in-training evaluation decodes: acknowledged at once, the evaluation stops at a batch
+    boundary (no result is logged for it), the step is saved, exit status 0; resuming gives the losses and
+    final state of an uninterrupted run. A second Ctrl-C stops at once: one line, status 130, lock released."""
+    extra = ["--max_steps", "4", "--eval_steps", "2", "--eval_accuracy_samples", "16", "--eval_max_new_tokens", "256",
+             "--valid_fraction", "0.5"]
+    args = with_job(reference, "sigint") + extra
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "evaluating at step 2" in line:  # printed as the evaluation starts
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping: finishing the current batch, then saving; press Ctrl-C again" in err
+    assert "stopping on a signal at step 2" in out and "eval step 2:" not in out
+    job = work / "out" / "sigint"
+    assert ck.verify(job / "checkpoint-000002") is None
+    sft.main(args + ["--resume_from_checkpoint", "auto", "--eval_accuracy_samples", "0"])
+    sft.main(with_job(reference, "sigint_ref") + extra + ["--eval_accuracy_samples", "0"])
+    assert losses(job) == losses(work / "out" / "sigint_ref")
+    assert_same_state(state(job / "checkpoint-000004"), state(work / "out" / "sigint_ref" / "checkpoint-000004"))
+    # twice: stop at once without saving, no traceback
+    proc = subprocess.Popen([PY, str(REPO / "sft.py"), *with_job(reference, "sigint2"), "--max_steps", "400"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "step 1/400" in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted")
+    assert not (work / "out" / "sigint2" / ck.LOCK).exists()
 
 
 # ----------------------------------------------------------------------------- checkpoint.py units
+
+def test_manifest_sizes_always_sha256_with_checksum(tmp_path):
+    """Without --checksum a save records sizes only (a truncated file is caught, same-size damage is not); with
+    it the sha256 of every file is recorded and checked."""
+    for checksum in (False, True):
+        tmp = ck.begin(tmp_path, "c")
+        (tmp / "x.bin").write_bytes(b"\1" * 100)
+        final = ck.commit(tmp_path, tmp, "c", checksum)
+        info = json.loads((final / ck.MANIFEST).read_text())["files"]["x.bin"]
+        assert info["size"] == 100 and ("sha256" in info) == checksum
+        (final / "x.bin").write_bytes(b"\0" * 100)
+        assert (ck.verify(final) is None) != checksum
+        (final / "x.bin").write_bytes(b"\0" * 99)
+        assert "size 99 != 100" in ck.verify(final)
+
 
 def test_resume_discovery_skips_corrupt_and_prunes(tmp_path):
     for step in (1, 2, 3):
         tmp = ck.begin(tmp_path, ck.checkpoint_name(step))
         (tmp / "x.bin").write_bytes(bytes([step]) * 100)
-        ck.commit(tmp_path, tmp, ck.checkpoint_name(step))
+        ck.commit(tmp_path, tmp, ck.checkpoint_name(step), checksum=True)
     assert (tmp_path / ck.LATEST).read_text().strip() == "checkpoint-000003"
     (tmp_path / "checkpoint-000003" / "x.bin").write_bytes(b"\0" * 100)  # same size, other content
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
@@ -626,3 +791,29 @@ def test_torchrun_two_processes_match_one(work, mts):
     p = run_sft(with_job(one, j2) + ["--resume_from_checkpoint", "auto"])  # 2 rows per step again
     assert "written by 2 ranks" in p.stdout
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, losses(out / j2)))
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_match_one_process(work):
+    """`torchrun --nnodes 2 --nproc_per_node 1` started twice (two "nodes" on localhost, c10d rendezvous, gloo)
+    gives the losses of one process with the same global batch."""
+    import socket
+
+    extra = ("--max_steps", "4", "--save_strategy", "no", "--lora_dropout", "0")
+    one = base_args(work, "nodes-one", *extra)
+    one[one.index("--per_device_train_batch_size") + 1] = "2"
+    run_sft(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "mathsft-test", str(REPO / "sft.py"),
+              *base_args(work, "nodes-two", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outs)
+    assert any("FSDP2 over 2 ranks (gloo)" in o for o in outs)
+    a, b = losses(work / "out" / "nodes-one"), losses(work / "out" / "nodes-two")
+    assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b))
