@@ -218,8 +218,12 @@ def markdown(rows: list[dict], a, argv: list[str], device) -> str:
              "(EOS off); `batch` is the slot count (ours) or the batch size (transformers, left-padded).", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(k, "")) for k in head) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(k, "")) for k in head) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(v) -> str:
+    return f"{v:,.4g}" if isinstance(v, float) else str(v)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
