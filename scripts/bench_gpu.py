@@ -223,7 +223,9 @@ def markdown(rows: list[dict], a, argv: list[str], device) -> str:
 
 
 def _cell(v) -> str:
-    return f"{v:,.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return str(v)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
