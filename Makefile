@@ -7,7 +7,7 @@ MODE ?= lora
 DATA_DIR ?=
 DATASETS ?=
 
-.PHONY: install test test-all lint demo preprocess train eval bench bench-peers clean
+.PHONY: install test test-all lint demo preprocess train eval bench bench-peers bench-gpu gpu-assets clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,18 @@ bench-peers: $(PEERS)/.installed
 bench: install
 	-$(MAKE) bench-peers
 	$(PY) scripts/bench.py $(ARGS)
+
+# The GPU benchmark (scripts/bench_gpu.py, docs/benchmarks.md "GPU benchmark"). No install step: the GPU
+# machine has no network; it runs with the venv's python when there is one, else $(PYTHON).
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/bench_gpu.py $(ARGS)
+
+# gpu_assets/ (git-ignored): what bench-gpu needs from ../shared, to copy to a machine without it.
+SHARED ?= ../shared
+gpu-assets:
+	mkdir -p gpu_assets/models/qwen2.5-0.5b gpu_assets/data/gsm8k
+	cp $(SHARED)/models/qwen2.5-0.5b/*.json $(SHARED)/models/qwen2.5-0.5b/merges.txt gpu_assets/models/qwen2.5-0.5b/
+	cp $(SHARED)/data/gsm8k/test.jsonl gpu_assets/data/gsm8k/
 
 clean:
 	rm -rf outputs logs data/processed data/synthetic .pytest_cache .ruff_cache

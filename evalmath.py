@@ -15,7 +15,7 @@ Read top to bottom:
                   (4 Minerva exemplars); each has a versioned name written into the results
   2. config     - a typed dataclass; YAML defaults via --config (unknown keys are errors), flags override
   3. loading    - base model, full checkpoint or LoRA checkpoint (+ adapter, merged), tokenizer, EOS ids
-  4. decoding   - length-sorted batches through model.generate (KV-cached), stop strings, n samples
+  4. decoding   - decode.py's continuously batched static-cache decoder, stop strings, n samples, progress
   5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
   6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
   7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
@@ -34,10 +34,13 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -224,12 +227,12 @@ class EvalConfig:
     grade_as: str | None = None  # grader dataset for --dataset_file (gsm8k | math); default: guessed
     split: str = "test"
     limit: int | None = None  # first N problems of each dataset
-    batch_size: int = 16
+    batch_size: int | Literal["auto"] = "auto"  # decoding slots; auto: from free GPU memory (or --max_batch_tokens), 16 on CPU
+    max_batch_tokens: int | None = None  # cap on slots x cache positions per slot (K/V cache size in tokens)
     max_new_tokens: int = 1024
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     n_samples: int = 1  # >1 (with temperature > 0): pass@k and majority vote
-    prompt_lookup: int = 0  # greedy only: draft up to N tokens by n-gram lookup and verify them in one forward
     seed: int = 0
     template: str | None = None  # data/prompts template; default: the one recorded in the checkpoint
     num_fewshot: int = 0  # > 0: the lm-eval few-shot protocols (gsm8k_cot 8-shot, minerva_math 4-shot)
@@ -446,46 +449,65 @@ def cut_at_stops(text: str, stop_strings: tuple[str, ...] | list[str]) -> tuple[
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _stop_checker(tokenizer, stop_strings: tuple[str, ...]):
-    """should_stop(row, tokens) for model.generate: a stop string in the decoded tail of the row."""
-    if not stop_strings:
-        return None
-    window = max(len(s) for s in stop_strings) + 3  # each token decodes to >= 1 character (a few bytes: less)
+class DecodeProgress:
+    """Progress lines on stderr: problems done / total, generated tok/s and the ETA, both from the last
+    `window` seconds (not the average since the start), at most every `every` seconds (and at the end)."""
 
-    def should_stop(_row: int, tokens: list[int]) -> bool:
-        tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
-        return any(s in tail for s in stop_strings)
+    def __init__(self, total: int, every: float = 10.0, window: float = 30.0, clock=time.monotonic,
+                 stream=None):
+        self.total, self.every, self.window, self.clock = total, every, window, clock
+        self.stream = stream or sys.stderr
+        self.history: list[tuple[float, int, int]] = [(clock(), 0, 0)]
+        self.last_print = self.history[0][0]
 
-    return should_stop
+    def line(self, done: int, tokens: int) -> str:
+        now = self.clock()
+        self.history.append((now, done, tokens))
+        while len(self.history) > 2 and now - self.history[1][0] >= self.window:
+            self.history.pop(0)
+        t0, d0, k0 = self.history[0]
+        dt = max(now - t0, 1e-9)
+        rate = (done - d0) / dt
+        eta = (self.total - done) / rate if rate > 0 else None
+        eta_s = "?" if eta is None else (f"{eta / 60:.0f}m{eta % 60:02.0f}s" if eta >= 60 else f"{eta:.0f}s")
+        return f"  decoding: {done}/{self.total} problems, {(tokens - k0) / dt:,.0f} tok/s, ETA {eta_s}"
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        text = self.line(done, tokens)
+        if self.clock() - self.last_print >= self.every or done == total:
+            self.last_print = self.clock()
+            print(text, file=self.stream, flush=True)
 
 
-def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int | str = "auto",
            eos_ids: list[int], stop_strings: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
-           seed: int = 0, progress: bool = False, prompt_lookup: int = 0) -> list[Generation]:
-    """Generate for every prompt in length-sorted batches (longest first, as lm-eval does); same order out.
-    prompt_lookup > 0: prompt-lookup decoding (model.generate), greedy's tokens in fewer forwards."""
-    from model import generate
+           seed: int = 0, progress: bool = False, max_batch_tokens: int | None = None,
+           should_abort=None) -> list[Generation | None]:
+    """Generate for every prompt with decode.py's continuous batching (longest prompts first, `batch_size`
+    slots, "auto": decode.pick_slots); same order out. Text is decoded with special tokens kept and cut at
+    the first stop string. When should_abort() turns True (asked every few decode steps) it returns early:
+    None for the prompts not finished."""
+    import decode as decoder
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed) \
-        if temperature > 0 else None
+    if not prompts:
+        return []
+    device = model.model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    should_stop = _stop_checker(tokenizer, stop_strings)
-    out: list[Generation | None] = [None] * len(prompts)
-    t0 = time.time()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        gens = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, temperature=temperature,
-                        top_p=top_p, generator=generator, should_stop=should_stop, pad_id=pad_id,
-                        prompt_lookup=prompt_lookup)
-        for i, g in zip(idx, gens):
-            text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
-            reason = "stop" if stopped else g.finish_reason
-            out[i] = Generation(text, len(g.tokens), reason, g.tokens)
-        if progress:
-            done = min(start + batch_size, len(order))
-            print(f"  decoded {done}/{len(order)} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    return out  # type: ignore[return-value]
+    stop = decoder.stop_strings_rule(tokenizer, stop_strings, model.args.vocab_size)
+    report = DecodeProgress(len(prompts)) if progress else None
+    gens = decoder.generate(model, prompts, max_new_tokens, eos_ids, slots=batch_size,
+                            max_batch_tokens=max_batch_tokens, temperature=temperature, top_p=top_p,
+                            generator=generator, stop=stop, pad_id=pad_id, progress=report,
+                            should_abort=should_abort)
+    out: list[Generation | None] = []
+    for g in gens:
+        if g is None:
+            out.append(None)
+            continue
+        text, stopped = cut_at_stops(tokenizer.decode(g.tokens, skip_special_tokens=False), stop_strings)
+        out.append(Generation(text, len(g.tokens), "stop" if stopped else g.finish_reason, g.tokens))
+    return out
 
 
 # ----------------------------------------------------------------------------- 5. grading
@@ -537,15 +559,21 @@ def _dist_info() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_records(model, tokenizer, records: list[dict], template=None, dataset: str = "gsm8k",
-                     max_new_tokens: int = 512, batch_size: int = 16, *, num_fewshot: int = 0, cot: bool = True,
-                     temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int = 0,
-                     eos_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
-                     shard: bool = True, progress: bool = False, prompt_lookup: int = 0) -> tuple[list[dict], dict]:
+                     max_new_tokens: int = 512, batch_size: int | str = 16, *, num_fewshot: int = 0,
+                     cot: bool = True, temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1,
+                     seed: int = 0, eos_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
+                     shard: bool = True, progress: bool = False, max_batch_tokens: int | None = None,
+                     should_abort=None) -> tuple[list[dict], dict]:
     """Decode, grade and summarize `records` with an in-memory model; no file I/O.
 
     template: a data.Template or its name (zero-shot protocols; ignored few-shot). dataset: the grader
-    dataset ("gsm8k" or "math"). Under torch.distributed (and shard=True) each rank decodes records[rank::world] and every rank
-    gets the merged items (all_gather_object), in record order. Returns (items, summary)."""
+    dataset ("gsm8k" or "math"). batch_size: decoding slots (a number or "auto"). Under torch.distributed (and
+    shard=True) each rank decodes records[rank::world] and every rank gets the merged items (all_gather_object),
+    in record order. Returns (items, summary).
+
+    should_abort: a callable asked every few decode steps; once it returns True decoding stops and the result
+    covers only the problems finished by then: fewer items than records (still in record order) and
+    summary["partial"] = True. Every rank must still reach the end (the gather)."""
     if n_samples > 1 and temperature <= 0:
         raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples are all the same)")
     if isinstance(template, str):
@@ -561,26 +589,34 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
         eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     was_training = model.training
     model.eval()
-    gens = decode(model, tokenizer, [p for p in prompts for _ in range(n_samples)],
-                  max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=eos_ids,
-                  stop_strings=protocol.stop_strings, temperature=temperature, top_p=top_p,
-                  seed=seed + rank, progress=progress, prompt_lookup=prompt_lookup)
-    model.train(was_training)
-    items = [(i, make_item(records[i], gens[k * n_samples:(k + 1) * n_samples], dataset))
-             for k, i in enumerate(mine)]
+    try:
+        gens = decode(model, tokenizer, [p for p in prompts for _ in range(n_samples)],
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=eos_ids,
+                      stop_strings=protocol.stop_strings, temperature=temperature, top_p=top_p,
+                      seed=seed + rank, progress=progress, max_batch_tokens=max_batch_tokens,
+                      should_abort=should_abort)
+    finally:
+        model.train(was_training)
+    groups = [(i, gens[k * n_samples:(k + 1) * n_samples]) for k, i in enumerate(mine)]
+    partial = any(g is None for _, gs in groups for g in gs)
+    items = [(i, make_item(records[i], gs, dataset)) for i, gs in groups if all(g is not None for g in gs)]
     if world > 1:
         gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, items)
-        items = [x for part in gathered for x in part]
+        torch.distributed.all_gather_object(gathered, (items, partial))
+        items = [x for part, _ in gathered for x in part]
+        partial = any(p for _, p in gathered)
     items = [it for _, it in sorted(items, key=lambda x: x[0])]
-    return items, reports.summarize(items)
+    summary = reports.summarize(items)
+    if partial:
+        summary["partial"] = True
+    return items, summary
 
 
 def accuracy_during_training(model, records_file: Path, limit: int, tokenizer_path: str, template: str,
                              max_new_tokens: int, autocast=None, should_abort=None, batch_size: int = 16) -> dict:
     """sft.py's in-training accuracy: greedy-decode the first `limit` problems of `records_file` (a data cache's
-    records/valid.jsonl) with the training model, `batch_size` problems per rank at a time; `should_abort()`
-    (called between batches, on every rank) ends it early. Under FSDP2 every rank first gathers the full weights
+    records/valid.jsonl) with the training model, `batch_size` decoding slots per rank; `should_abort()` (polled
+    every few decode steps, on every rank) ends it early. Under FSDP2 every rank first gathers the full weights
     (unshard), so ranks can run different numbers of forwards; they are resharded afterwards.
     Returns {"eval_accuracy": float}, or {} when there is nothing to decode or it was aborted."""
     import contextlib
@@ -599,20 +635,18 @@ def accuracy_during_training(model, records_file: Path, limit: int, tokenizer_pa
     for m in fsdp_mods:
         m.set_reshard_after_forward(False)
         m.unshard()
-    dataset, chunk, correct = guess_grader_dataset(records), batch_size * _dist_info()[1], 0
     try:
         with autocast or contextlib.nullcontext():
-            for i in range(0, len(records), chunk):
-                if should_abort is not None and should_abort():
-                    return {}
-                items, _ = evaluate_records(model, tokenizer, records[i:i + chunk], template=template, dataset=dataset,
-                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
-                correct += sum(bool(it["correct"]) for it in items)
+            items, summary = evaluate_records(model, tokenizer, records, template=template,
+                                              dataset=guess_grader_dataset(records), max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, should_abort=should_abort)
     finally:
         for m in fsdp_mods:
             m.reshard()
             m.set_reshard_after_forward(True)
-    return {"eval_accuracy": correct / len(records)}
+    if summary.get("partial"):
+        return {}
+    return {"eval_accuracy": sum(bool(it["correct"]) for it in items) / len(records)}
 
 
 # ----------------------------------------------------------------------------- 7. runs
@@ -648,6 +682,11 @@ def eval_sets(cfg: EvalConfig) -> list[tuple[str, str, list[dict]]]:
         if cfg.grade_as is not None and cfg.grade_as not in GRADER_DATASETS:
             raise SystemExit(f"error: --grade_as {cfg.grade_as}: expected gsm8k or math")
         out.append((Path(cfg.dataset_file).stem, cfg.grade_as or guess_grader_dataset(records), records))
+    for name, _, records in out:
+        if not records:
+            where = f"--dataset_file {cfg.dataset_file}" if name == Path(cfg.dataset_file or "").stem else \
+                f"--datasets {name} (split {cfg.split!r} under --data_dir {cfg.data_dir})"
+            raise SystemExit(f"error: {where}: the dataset has no records; nothing to evaluate")
     return [(n, g, r[:cfg.limit] if cfg.limit is not None else r) for n, g, r in out]
 
 
@@ -674,13 +713,17 @@ def check_config(cfg: EvalConfig) -> None:
     if not cfg.datasets and not cfg.dataset_file:
         raise SystemExit("error: nothing to evaluate: pass --datasets gsm8k math math500 and/or "
                          "--dataset_file FILE.jsonl")
-    for flag, value, ok in (("--batch_size", cfg.batch_size, cfg.batch_size >= 1),
-                            ("--max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1),
-                            ("--prompt_lookup", cfg.prompt_lookup, cfg.prompt_lookup >= 0),
+    if cfg.limit is not None and cfg.limit < 1:
+        raise SystemExit(f"error: --limit {cfg.limit}: nothing to evaluate; expected N >= 1 (the first N problems "
+                         "of each dataset), or leave it out for all of them")
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise SystemExit(f"error: --batch_size {cfg.batch_size}: expected auto or a number of rows >= 1")
+    for flag, value, ok in (("--max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1),
+                            ("--max_batch_tokens", cfg.max_batch_tokens,
+                             cfg.max_batch_tokens is None or cfg.max_batch_tokens >= 1),
                             ("--n_samples", cfg.n_samples, cfg.n_samples >= 1),
                             ("--top_p", cfg.top_p, 0 < cfg.top_p <= 1),
-                            ("--temperature", cfg.temperature, cfg.temperature >= 0),
-                            ("--limit", cfg.limit, cfg.limit is None or cfg.limit >= 1)):
+                            ("--temperature", cfg.temperature, cfg.temperature >= 0)):
         if not ok:
             raise SystemExit(f"error: {flag} {value}: out of range")
     if cfg.n_samples > 1 and cfg.temperature <= 0:
@@ -703,7 +746,7 @@ def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
         run_id = f"{cfg.run_id}-{name}"
     decoding = {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "n_samples", "batch_size",
-                                                 "prompt_lookup")}
+                                                 "max_batch_tokens")}
     config = {"model": cfg.model, "checkpoint": str(src.checkpoint) if src.checkpoint else None,
               "fine_tuned_from": src.fine_tuned_from,
               "adapter": str(src.adapter) if src.adapter else None,
@@ -717,9 +760,38 @@ def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
             "config": config, "summary": summary, **extra, "items": items}
 
 
+class StopOnCtrlC:
+    """Inside `with`: the first Ctrl-C (SIGINT) sets a flag that decoding polls (it is the should_abort
+    callable), the second raises KeyboardInterrupt. Outside the main thread nothing is installed."""
+
+    def __init__(self, say):
+        self.say, self.flag, self.old = say, False, None
+
+    def __call__(self) -> bool:
+        return self.flag
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        self.say("stopping: finishing the current decoding step, then writing the partial results; press Ctrl-C "
+                 "again to quit without writing")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
 def run(cfg: EvalConfig) -> list[Path]:
-    """Evaluate cfg.model on every dataset; rank 0 writes result JSONs and reports. Returns the JSON paths."""
+    """Evaluate cfg.model on every dataset; rank 0 writes result JSONs and reports. Returns the JSON paths.
+    Ctrl-C: the decoded problems of the current dataset are written with "partial": true, then SystemExit(130)."""
     import data
+    import decode as decoder
 
     check_config(cfg)
     device = pick_device(cfg.device)
@@ -746,40 +818,64 @@ def run(cfg: EvalConfig) -> list[Path]:
             template = data.load_template(name)
         except data.DataError as e:
             raise SystemExit(f"error: --template: {e}") from e
+    sets = eval_sets(cfg)
     model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
     eos = eos_token_ids(tokenizer, model.generation_config)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []
-    for name, grader_ds, records in eval_sets(cfg):
-        protocol = make_protocol(grader_ds, cfg.num_fewshot, cfg.cot, template, cfg.stop_strings)
-        say(f"evalmath: {name} ({len(records)} problems, {protocol.name}) on {world} rank(s)")
-        t0 = time.time()
-        items, summary = evaluate_records(
-            model, tokenizer, records, template, grader_ds, cfg.max_new_tokens, cfg.batch_size,
-            num_fewshot=cfg.num_fewshot, cot=cfg.cot, temperature=cfg.temperature, top_p=cfg.top_p,
-            n_samples=cfg.n_samples, seed=cfg.seed, eos_ids=eos, stop_strings=cfg.stop_strings,
-            progress=not cfg.quiet and rank == 0, prompt_lookup=cfg.prompt_lookup)
-        elapsed = time.time() - t0
-        if rank != 0:
-            continue
-        n_tok = sum(s["n_tokens"] for it in items for s in it.get("samples", [it]))
-        extra = {"stamp": stamp, "timing": {"seconds": round(elapsed, 3), "generated_tokens": n_tok,
-                                            "tokens_per_s": round(n_tok / max(elapsed, 1e-9), 2),
-                                            "problems_per_s": round(len(items) / max(elapsed, 1e-9), 4)},
-                 "decoding": {"eos_ids": eos, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
-                              "merge_lora": cfg.merge_lora, "world_size": world}}
-        result = build_result(cfg, src, name, protocol, records, items, summary, extra)
-        path = Path(cfg.output_dir) / name / f"{result['run_id']}.json"
-        write_json(path, result)
-        written.append(path)
-        md = reports.write_report(result, cfg.reports_dir) if cfg.write_report else None
-        say(f"  {name}: accuracy {100 * summary['accuracy']:.2f} ± {100 * summary['stderr']:.2f} "
-            f"({summary['correct']}/{summary['n']}), truncated {100 * summary['truncation_rate']:.1f}%, "
-            f"no answer {100 * summary['no_answer_rate']:.1f}%, {elapsed:.1f}s -> {path}" + (f", {md}" if md else ""))
+    with StopOnCtrlC(lambda m: print(m, file=sys.stderr, flush=True) if rank == 0 else None) as interrupted:
+        for name, grader_ds, records in sets:
+            protocol = make_protocol(grader_ds, cfg.num_fewshot, cfg.cot, template, cfg.stop_strings)
+            say(f"evalmath: {name} ({len(records)} problems, {protocol.name}) on {world} rank(s)")
+            t0 = time.time()
+            try:
+                items, summary = evaluate_records(
+                    model, tokenizer, records, template, grader_ds, cfg.max_new_tokens, cfg.batch_size,
+                    num_fewshot=cfg.num_fewshot, cot=cfg.cot, temperature=cfg.temperature, top_p=cfg.top_p,
+                    n_samples=cfg.n_samples, seed=cfg.seed, eos_ids=eos, stop_strings=cfg.stop_strings,
+                    progress=not cfg.quiet and rank == 0, max_batch_tokens=cfg.max_batch_tokens,
+                    should_abort=interrupted)
+            except decoder.DecodeLimitError as e:
+                raise SystemExit(f"error: {name}: {e}") from e
+            elapsed = time.time() - t0
+            partial = bool(summary.get("partial"))
+            if rank == 0 and items:
+                written.append(write_result(cfg, src, name, protocol, records, items, summary, elapsed, stamp,
+                                            eos, dtype, device, world, partial, say))
+            if interrupted.flag:
+                break
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if interrupted.flag:
+        print(f"evalmath: interrupted; wrote {len(written)} result file(s)"
+              + (" (the last one partial)" if written and partial else ""), file=sys.stderr, flush=True)
+        raise SystemExit(130)
     return written
+
+
+def write_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
+                 items: list[dict], summary: dict, elapsed: float, stamp: str, eos: list[int], dtype, device,
+                 world: int, partial: bool, say) -> Path:
+    """The result JSON (and report) of one dataset; `partial`: only the problems decoded before a Ctrl-C."""
+    n_tok = sum(s["n_tokens"] for it in items for s in it.get("samples", [it]))
+    extra = {"stamp": stamp, "timing": {"seconds": round(elapsed, 3), "generated_tokens": n_tok,
+                                        "tokens_per_s": round(n_tok / max(elapsed, 1e-9), 2),
+                                        "problems_per_s": round(len(items) / max(elapsed, 1e-9), 4)},
+             "decoding": {"eos_ids": eos, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+                          "merge_lora": cfg.merge_lora, "world_size": world}}
+    if partial:
+        extra["partial"] = True
+    result = build_result(cfg, src, name, protocol, records, items, summary, extra)
+    path = Path(cfg.output_dir) / name / f"{result['run_id']}.json"
+    write_json(path, result)
+    md = reports.write_report(result, cfg.reports_dir) if cfg.write_report else None
+    say(f"  {name}: accuracy {100 * summary['accuracy']:.2f} ± {100 * summary['stderr']:.2f} "
+        f"({summary['correct']}/{summary['n']}"
+        + (f" decoded of {len(records)}, PARTIAL" if partial else "") + f"), truncated "
+        f"{100 * summary['truncation_rate']:.1f}%, no answer {100 * summary['no_answer_rate']:.1f}%, "
+        f"{elapsed:.1f}s -> {path}" + (f", {md}" if md else ""))
+    return path
 
 
 # ----------------------------------------------------------------------------- 8. CLI: subcommands

@@ -6,7 +6,8 @@ Read top to bottom:
                         SwiGLU MLP, decoder block, Transformer with HF parameter names
   3. attention plans  - how a forward attends: plain causal, a boolean mask, per-document, varlen, flex (ATTN_IMPLS)
   4. HF I/O           - from_pretrained / load_hf_weights / save_pretrained (safetensors, sharded or not)
-  5. decoding         - KVCache (static buffers, left-padded batch), generate(), prompt-lookup drafts
+  5. decoding         - the cache protocol Transformer.forward uses (decode.py holds the static cache and the
+                        continuously batched decoder)
 
 Module and parameter names equal the Hugging Face ones (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 ..., `lm_head`), so `state_dict()` keys equal the keys of HF safetensors files and no key mapping is needed.
@@ -42,9 +43,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -246,7 +248,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, h, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: CacheView | None = None):
         B, T, _ = x.shape
         if plan.kind in PACKED_PLANS:
             return self.forward_packed(x, cos, sin, plan)
@@ -254,9 +256,8 @@ class Attention(nn.Module):
         k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)
-        y = attend(q, k, v, plan)  # [B, H, T, D]
+        # [B, H, T, D]; a cache stores the new K/V and attends over what it holds
+        y = attend(q, k, v, plan) if cache is None else cache.attend(self.layer_idx, q, k, v)
         return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
 
     def forward_packed(self, x, cos, sin, plan: AttnPlan):
@@ -289,7 +290,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: CacheView | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -365,7 +366,7 @@ class Transformer(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                doc_ids: torch.Tensor | None = None, cache: CacheView | None = None,
                 key_padding_mask: torch.Tensor | None = None, return_hidden: bool = False,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (or, with return_hidden, the final-norm hidden states [B, T, h]
@@ -376,25 +377,27 @@ class Transformer(nn.Module):
         cu_seqlens [N_docs + 1] int32 + max_seqlen: the same documents as boundaries over the flattened B*T
           tokens (packing.py gives them; on the CPU for "per_doc", on the device for "varlen"); computed from
           doc_ids (one host sync) when not given. Give position_ids with them (packing.py does).
-        key_padding_mask [B, T] bool: False marks padding (left padding for decoding); position_ids default to
-          cumsum(mask) - 1.
-        cache: a KVCache; the new keys/values are written at cache.offset and attention covers the whole cache.
+        key_padding_mask [B, T] bool: False marks padding; position_ids default to cumsum(mask) - 1.
+        cache: a CacheView (decode.py): each layer hands it q/k/v and it stores k/v and does the attention;
+          position_ids are then required.
         """
         B, T = input_ids.shape
         packed = doc_ids is not None or cu_seqlens is not None
         if packed and (cache is not None or key_padding_mask is not None):
             raise ValueError("doc_ids (packed rows) cannot be combined with cache or key_padding_mask; give padding "
                              "its own document id instead")
-        total = T + (cache.offset if cache is not None else 0)
+        if cache is not None and (position_ids is None or key_padding_mask is not None):
+            raise ValueError("a cache needs explicit position_ids and no key_padding_mask")
+        total = cache.max_len if cache is not None else T
         if self.args.sliding_window and total > self.args.sliding_window:
             raise ValueError(f"sequence length {total} exceeds sliding_window={self.args.sliding_window}; "
                              "sliding-window attention is not implemented")
         if position_ids is None:
             if doc_ids is None and cu_seqlens is not None:
                 raise ValueError("cu_seqlens without doc_ids needs position_ids (restarting at 0 per document)")
-            position_ids = default_position_ids(input_ids, doc_ids, key_padding_mask, cache)
-        plan = make_attn_plan(self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask, cache,
-                              cu_seqlens, max_seqlen, B)
+            position_ids = default_position_ids(input_ids, doc_ids, key_padding_mask)
+        plan = AttnPlan("cache") if cache is not None else make_attn_plan(
+            self.resolved_attn_impl(input_ids.device), T, doc_ids, key_padding_mask, cu_seqlens, max_seqlen, B)
         h = self.model.embed_tokens(input_ids)
         inv_freq = self.model.inv_freq  # a later model.to(bf16) casts buffers too: RoPE needs the fp32 values
         if inv_freq.dtype != torch.float32:
@@ -406,8 +409,6 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, plan, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, plan, cache)
-        if cache is not None:
-            cache.advance(T)
         h = self.model.norm(h)
         return h if return_hidden else linear(self.lm_head, h)
 
@@ -477,17 +478,13 @@ class Transformer(nn.Module):
             write_json(Path(path) / "generation_config.json", self.generation_config)
 
 
-def default_position_ids(input_ids, doc_ids, key_padding_mask, cache) -> torch.Tensor:
+def default_position_ids(input_ids, doc_ids, key_padding_mask) -> torch.Tensor:
     B, T = input_ids.shape
     if doc_ids is not None:
         return positions_from_doc_ids(doc_ids)
     if key_padding_mask is not None:
-        pos = key_padding_mask.long().cumsum(-1) - 1
-        if cache is not None and cache.offset > 0:
-            pos = pos + cache.valid[:, : cache.offset].long().sum(-1, keepdim=True)
-        return pos.clamp(min=0)
-    start = cache.offset if cache is not None else 0
-    return torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        return (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return torch.arange(T, device=input_ids.device).expand(B, T)
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -589,7 +586,7 @@ def head_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, c
 
 @dataclass
 class AttnPlan:
-    kind: str  # "causal" | "mask" | "per_doc" | "varlen" | "flex"
+    kind: str  # "causal" | "mask" | "per_doc" | "varlen" | "flex" | "cache" (the cache attends)
     mask: torch.Tensor | None = None  # "mask": bool [B, 1, T, S], True = attend
     doc_lens: list[int] | None = None  # "per_doc": document lengths over the flattened B*T tokens
     cu_seqlens: torch.Tensor | None = None  # "varlen": int32 [N_docs + 1] on the device
@@ -597,10 +594,8 @@ class AttnPlan:
     block_mask: object = None  # "flex": a BlockMask
 
 
-def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask, cache, cu_seqlens=None, max_seqlen=None,
+def make_attn_plan(impl: str, T: int, doc_ids, key_padding_mask, cu_seqlens=None, max_seqlen=None,
                    B: int = 1) -> AttnPlan:
-    if cache is not None:
-        return AttnPlan("mask", mask=cache.attention_mask(T, key_padding_mask))
     if key_padding_mask is not None:
         valid = key_padding_mask.bool()
         i = torch.arange(T, device=valid.device)
@@ -914,195 +909,14 @@ def shard_state_dict(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 5. decoding
+# 5. decoding: the cache protocol (decode.py implements it: a static KV cache with slots)
 
 
-class KVCache:
-    """Static per-layer K/V buffers [L, B, H_kv, max_len, D] (gpt-fast style) for a left-padded batch.
+class CacheView(Protocol):
+    """What Transformer.forward needs from a KV cache: `attend` stores the new keys/values of one layer
+    (q [B, H, T, D] and k/v [B, H_kv, T, D], RoPE applied) and returns the attention output [B, H, T, D] over
+    everything the cache holds for those rows; `max_len` bounds the positions (sliding-window check)."""
 
-    All rows share one write offset; `valid` [B, max_len] is the key-padding mask (False for left padding).
-    The model writes new keys at `offset` and then calls `advance(T)`."""
+    max_len: int
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.offset = 0
-        self.max_len = max_len
-
-    def attention_mask(self, T: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Marks the T new positions valid (or as key_padding_mask says) and returns bool [B, 1, T, offset+T]:
-        causal over absolute cache positions, no padding keys, the diagonal always on (no empty rows)."""
-        o = self.offset
-        if o + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {o} + {T} tokens > max_len={self.max_len}")
-        self.valid[:, o:o + T] = True if key_padding_mask is None else key_padding_mask.bool()
-        q_pos = torch.arange(o, o + T, device=self.valid.device)
-        k_pos = torch.arange(o + T, device=self.valid.device)
-        causal = k_pos[None, :] <= q_pos[:, None]
-        mask = (causal[None] & self.valid[:, None, : o + T]) | (k_pos[None, None, :] == q_pos[None, :, None])
-        return mask[:, None]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        o, T = self.offset, k.shape[2]
-        self.k[layer, :, :, o:o + T] = k
-        self.v[layer, :, :, o:o + T] = v
-        return self.k[layer, :, :, : o + T], self.v[layer, :, :, : o + T]
-
-    def advance(self, T: int) -> None:
-        self.offset += T
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drops finished rows so they stop costing compute."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.valid = self.valid[rows]
-
-    def compact(self) -> None:
-        """Moves every row's valid entries to the right end of the first max(valid count) slots (order kept,
-        holes and padding to the left) and sets the offset there: frees the room that masked holes took.
-        Keys carry their RoPE positions already, so moving them changes nothing."""
-        n = int(self.valid.sum(1).max())
-        order = torch.argsort(self.valid.to(torch.int32), dim=1, stable=True)[:, self.valid.shape[1] - n:]
-        Lr, B, H, _, D = self.k.shape
-        ix = order[None, :, None, :, None].expand(Lr, B, H, n, D)
-        k, v = torch.zeros_like(self.k), torch.zeros_like(self.v)
-        k[:, :, :, :n], v[:, :, :, :n] = self.k.gather(3, ix), self.v.gather(3, ix)
-        valid = torch.zeros_like(self.valid)
-        valid[:, :n] = self.valid.gather(1, order)
-        self.k, self.v, self.valid, self.offset = k, v, valid, n
-
-
-@dataclass
-class GenerationOutput:
-    tokens: list[int]  # generated ids, prompt excluded, the stopping EOS excluded
-    finish_reason: str  # "eos" (an eos id was sampled), "stop" (should_stop said so), "length" (max_new_tokens)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """logits [B, V] -> [B]. temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class PromptLookup:
-    """Draft tokens for prompt-lookup decoding (n-gram speculation without a draft model): the k tokens that
-    followed the most recent earlier occurrence of the sequence's last n tokens, trying n = max_n .. 1.
-    N-grams are indexed as tokens arrive, so a draft costs O(max_n) dict lookups."""
-
-    def __init__(self, tokens: list[int], max_n: int = 3):
-        self.seq: list[int] = []
-        self.max_n = max_n
-        self.last_end: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
-        for t in tokens:
-            self.append(t)
-
-    def append(self, t: int) -> None:
-        L = len(self.seq)  # the current last position stops being the last: index the n-grams ending there
-        for n in range(1, min(self.max_n, L) + 1):
-            self.last_end[n][tuple(self.seq[L - n:L])] = L - 1
-        self.seq.append(t)
-
-    def draft(self, k: int) -> list[int]:
-        for n in range(min(self.max_n, len(self.seq)), 0, -1):
-            j = self.last_end[n].get(tuple(self.seq[-n:]))
-            if j is not None:
-                return self.seq[j + 1:j + 1 + k]
-        return []
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: Iterable[int],
-             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             should_stop: Callable[[int, list[int]], bool] | None = None, pad_id: int = 0,
-             prompt_lookup: int = 0, lookup_ngram: int = 3) -> list[GenerationOutput]:
-    """Batched, left-padded, KV-cached decoding of token ids.
-
-    Returns one GenerationOutput per prompt (same order). A row stops at an eos id (excluded from tokens,
-    finish_reason "eos"), when should_stop(row_index, tokens_so_far) is True after a token (that token is kept,
-    "stop"), or after max_new_tokens ("length"). Finished rows are dropped from the batch. Greedy output does
-    not depend on the batch size (up to float rounding of padded batches).
-
-    prompt_lookup=k > 0 (greedy only) drafts up to k tokens per row by n-gram lookup in the row's own prompt
-    and output (PromptLookup) and verifies them in one forward of 1 + k positions: a row emits its accepted
-    drafts plus the model's own next token, so the output is greedy's (same argmax at every position, up to
-    float rounding of the wider matmuls). Rejected positions stay in the cache as masked holes; the cache is
-    compacted when it fills up."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs a non-empty list of non-empty prompts")
-    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
-    eos = set(int(e) for e in eos_ids)
-    lookahead = max(0, int(prompt_lookup)) if temperature <= 0 else 0
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    outs = [GenerationOutput([], "length") for _ in prompts]
-    if max_new_tokens <= 0:
-        return outs
-    cache = KVCache(model.args, B, P + max_new_tokens + lookahead, device=device, dtype=dtype)
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    # prefill: the head only on the last position (full-prompt logits would be [B, P, vocab]: GBs for Qwen)
-    hidden = model(ids, position_ids=pos, cache=cache, key_padding_mask=valid, return_hidden=True)
-    pending = [[t] for t in sample_next(linear(model.lm_head, hidden[:, -1]), temperature, top_p, generator).tolist()]
-    next_pos = pos[:, -1] + 1  # [rows]: position of each row's next input token
-    rows = list(range(B))  # batch row -> prompt index
-    lookup = [PromptLookup(p, lookup_ngram) for p in prompts] if lookahead else None
-    while True:
-        keep = [r for r, i in enumerate(rows) if _emit(outs[i], i, pending[r], eos, should_stop, max_new_tokens,
-                                                      lookup[i] if lookup else None)]
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=device)
-            cache.keep_rows(idx)
-            next_pos, rows = next_pos[idx], [rows[r] for r in keep]
-        last = [outs[i].tokens[-1] for i in rows]
-        drafts = [lookup[i].draft(lookahead) for i in rows] if lookahead else [[] for _ in rows]
-        T = 1 + max(len(d) for d in drafts)
-        if cache.offset + T > cache.max_len:
-            cache.compact()
-        inp = torch.tensor([[t, *d, *[pad_id] * (T - 1 - len(d))] for t, d in zip(last, drafts)], device=device)
-        o = cache.offset
-        logits = model(inp, position_ids=next_pos[:, None] + torch.arange(T, device=device), cache=cache)
-        if T == 1:
-            pending = [[t] for t in sample_next(logits[:, -1], temperature, top_p, generator).tolist()]
-            next_pos = next_pos + 1
-            continue
-        preds = logits.argmax(-1)  # [rows, T]: greedy's token after each input position
-        n_draft = torch.tensor([len(d) for d in drafts], device=device)
-        ok = (inp[:, 1:] == preds[:, :-1]) & (torch.arange(T - 1, device=device) < n_draft[:, None])
-        accepted = ok.long().cumprod(1).sum(1)  # leading drafts that greedy would have produced
-        cache.valid[:, o:o + T] &= torch.arange(T, device=device) <= accepted[:, None]  # rejected: masked holes
-        next_pos = next_pos + accepted + 1
-        pending = [d[:a] + [p[a]] for d, a, p in zip(drafts, accepted.tolist(), preds.tolist())]
-    return outs
-
-
-def _emit(out: GenerationOutput, i: int, tokens: list[int], eos: set[int],
-          should_stop: Callable[[int, list[int]], bool] | None, max_new_tokens: int,
-          lookup: PromptLookup | None) -> bool:
-    """Appends a row's new tokens in order; returns whether the row goes on."""
-    for t in tokens:
-        if t in eos:
-            out.finish_reason = "eos"
-            return False
-        out.tokens.append(t)
-        if lookup is not None:
-            lookup.append(t)
-        if should_stop is not None and should_stop(i, out.tokens):
-            out.finish_reason = "stop"
-            return False
-        if len(out.tokens) >= max_new_tokens:
-            return False  # finish_reason stays "length"
-    return True
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...

@@ -1,4 +1,4 @@
-"""Decoding throughput: evalmath's KV-cached batched greedy (model.generate) vs transformers' batched generate.
+"""Decoding throughput: evalmath's decoder (decode.py: static cache, continuous batching) vs transformers' generate.
 
 Same weights, same prompts (GSM8K test questions in the `boxed` template), same max_new_tokens, greedy, fp32
 on CPU. EOS is disabled on both sides so every row generates exactly max_new_tokens tokens (random-init
@@ -6,8 +6,11 @@ models would otherwise stop at different points). The two are timed alternately 
 ratio is what to read, not the absolute numbers (the machine is shared).
 
     python scripts/bench_decode.py --shared ../shared [--batch_size 16] [--max_new_tokens 128]
-        [--qwen_max_new_tokens 32] [--qwen_layers 4] [--repeats 3] [--prompt_lookup 0 4]
+        [--qwen_max_new_tokens 32] [--qwen_layers 4] [--repeats 3] [--baseline 03801a7]
         [--append docs/benchmarks.md]
+
+--baseline REV adds a row for the decoder of an earlier commit (its model.py `generate`, read with
+`git show REV:model.py`), timed in the same rounds: a side-by-side check that the CPU path did not get slower.
 
 Models: `tiny` (make_tiny llama, 2 layers, hidden 64, its own 512-token BPE) and `qwen-shape`: the
 Qwen2.5-0.5B config (hidden 896, 14/2 heads, intermediate 4864, vocab 151936, tied embeddings, qkv bias)
@@ -43,8 +46,23 @@ def build_models(shared: Path, work: Path, qwen_layers: int) -> dict[str, Path]:
                                     seed=0, layers=qwen_layers, **QWEN_SHAPE)}
 
 
+def load_baseline(rev: str, work: Path):
+    """The `model` module of commit `rev` (its Transformer and generate), imported under another name."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(["git", "show", f"{rev}:model.py"], cwd=REPO, capture_output=True, text=True, check=True)
+    path = work / f"model_{rev}.py"
+    path.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens: int, repeats: int,
-              lookups: tuple[int, ...] = (0,)) -> dict:
+              baseline=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -59,16 +77,19 @@ def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens:
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
 
-    def run_ours(k: int):
-        return lambda: evalmath.decode(ours, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       eos_ids=[], prompt_lookup=k)
+    def run_ours():
+        return evalmath.decode(ours, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, eos_ids=[])
 
     def run_hf():
         with torch.no_grad():
             return hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
 
-    runners = {**{_name(k): run_ours(k) for k in lookups}, "transformers": run_hf}
+    runners = {"evalmath": run_ours, "transformers": run_hf}
+    if baseline is not None:
+        old = baseline.Transformer.from_pretrained(path).eval()
+        old.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        runners["baseline"] = lambda: baseline.generate(old, prompts, max_new_tokens, [], pad_id=pad)
     times: dict[str, list[float]] = {name: [] for name in runners}
     outs, n_fwd = {}, {}
     for rep in range(repeats + 1):  # the first round is a warm-up
@@ -93,28 +114,25 @@ def bench_one(path: Path, questions: list[str], batch_size: int, max_new_tokens:
     return res
 
 
-def _name(k: int) -> str:
-    return "evalmath" if k == 0 else f"evalmath+lookup{k}"
-
-
 def markdown(results: dict, args) -> str:
     lines = ["## Decoding", "",
-             "evalmath's KV-cached batched greedy decoding (`evalmath.decode` -> `model.generate`) vs transformers' "
-             "batched `generate` (left-padded, `do_sample=False`), same weights/prompts/max_new_tokens, fp32, CPU, "
-             "EOS disabled so every row generates max_new_tokens tokens; timed alternately in one process "
-             f"(median of {args.repeats} after a warm-up). Prompts: GSM8K test questions in the `boxed` template. "
-             "`+lookupK` rows use `--prompt_lookup K` (greedy prompt-lookup decoding: up to K drafted tokens "
-             "verified per forward); `forwards` counts model forwards including the prefill.",
+             "evalmath's decoder (`evalmath.decode` -> `decode.generate`: static KV cache, continuous batching, "
+             "eager step on CPU) vs transformers' batched `generate` (left-padded, `do_sample=False`), same "
+             "weights/prompts/max_new_tokens, fp32, CPU, EOS disabled so every row generates max_new_tokens "
+             f"tokens; timed alternately in one process (median of {args.repeats} after a warm-up). Prompts: GSM8K "
+             "test questions in the `boxed` template. `baseline` is the decoder of commit "
+             f"{args.baseline} (`model.generate`), when given; `forwards` counts model forwards incl. prefill.",
              "", f"command: `python scripts/bench_decode.py --shared ../shared --batch_size {args.batch_size} "
              f"--max_new_tokens {args.max_new_tokens} --qwen_max_new_tokens {args.qwen_max_new_tokens} "
-             f"--qwen_layers {args.qwen_layers} --repeats {args.repeats} --prompt_lookup "
-             f"{' '.join(map(str, args.prompt_lookup))}` "
+             f"--qwen_layers {args.qwen_layers} --repeats {args.repeats}"
+             + (f" --baseline {args.baseline}" if args.baseline else "")
+             + (f" --threads {args.threads}" if args.threads else "") + "` "
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, shared 2-core machine)", "",
              "| model | layers | params | batch | new tokens | decoder | tok/s | problems/s | forwards | speedup vs "
              "transformers | same tokens as transformers |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
-        for dec in [_name(k) for k in args.prompt_lookup] + ["transformers"]:
+        for dec in ["evalmath"] + (["baseline"] if args.baseline else []) + ["transformers"]:
             x = r[dec]
             lines.append(f"| {name} | {r['layers']} | {r['params_M']}M | {r['batch']} | {r['max_new_tokens']} | "
                          f"{dec} | {x['tokens_per_s']} | {x['problems_per_s']} | {x.get('forwards', '')} | "
@@ -134,19 +152,21 @@ def main() -> None:
     ap.add_argument("--qwen_layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["tiny", "qwen-shape"])
-    ap.add_argument("--prompt_lookup", type=int, nargs="+", default=[0, 4],
-                    help="evalmath rows: 0 = plain greedy, K > 0 = prompt-lookup decoding with K drafts")
+    ap.add_argument("--baseline", default=None, help="also time the decoder of this git commit (model.generate)")
     ap.add_argument("--append", type=Path, default=None, help="append the markdown section to this file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     questions = [r["question"] for r in data.load_records("gsm8k", "test", args.shared / "data")]
     with tempfile.TemporaryDirectory() as work:
         paths = build_models(args.shared, Path(work), args.qwen_layers)
+        baseline = load_baseline(args.baseline, Path(work)) if args.baseline else None
         results = {}
         for name in args.models:
             new_tokens = args.qwen_max_new_tokens if name == "qwen-shape" else args.max_new_tokens
-            results[name] = bench_one(paths[name], questions, args.batch_size, new_tokens, args.repeats,
-                                      tuple(args.prompt_lookup))
+            results[name] = bench_one(paths[name], questions, args.batch_size, new_tokens, args.repeats, baseline)
             print(json.dumps({name: results[name]}), flush=True)
     md = markdown(results, args)
     print(md)

@@ -115,7 +115,7 @@ def test_config_yaml_defaults_flags_override_and_bool_forms(tmp_path):
         evalmath.parse_config(["--config", str(cfg_file)])
     assert evalmath.parse_config(["--merge_lora", "off"]).merge_lora is False  # the same bool forms as sft.py
     repo_cfg = evalmath.parse_config(["--config", str(REPO / "configs" / "eval.yaml")])  # the shipped defaults parse
-    assert repo_cfg.batch_size >= 1 and repo_cfg.max_new_tokens >= 256
+    assert repo_cfg.batch_size == "auto" and repo_cfg.max_new_tokens >= 256
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -296,6 +296,96 @@ def test_two_process_run_equals_one_process(tiny, shared, tmp_path):
     assert ddp["config"]["decoding"]["world_size"] == 2
     assert ddp["items"] == single["items"]
     assert ddp["summary"] == single["summary"]
+
+
+def _one_line_error(args: list[str], tmp_path: Path) -> str:
+    with pytest.raises(SystemExit) as e:
+        evalmath.main([*args, "--output_dir", str(tmp_path / "eval"), "--quiet"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_decoding_input_errors_are_one_line(tiny, shared, tmp_path):
+    common = ["--model", str(tiny), "--datasets", "gsm8k", "--data_dir", str(shared / "data")]
+    assert "--limit 0: nothing to evaluate" in _one_line_error([*common, "--limit", "0"], tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    msg = _one_line_error(["--model", str(tiny), "--dataset_file", str(empty)], tmp_path)
+    assert str(empty) in msg and "empty" in msg
+    msg = _one_line_error([*common, "--limit", "2", "--max_new_tokens", "64", "--max_batch_tokens", "50"], tmp_path)
+    assert "--max_batch_tokens 50 is less than one row" in msg  # the longest prompt + 64 does not fit
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "base_model_name_or_path": str(tmp_path / "gone")}))
+    msg = _one_line_error(["--model", str(adapter), "--datasets", "gsm8k", "--data_dir", str(shared / "data")],
+                          tmp_path)
+    assert str(tmp_path / "gone") in msg and "--base_model" in msg
+    assert not (tmp_path / "eval").exists()  # nothing written
+
+
+def test_decode_progress_eta_uses_recent_steps():
+    now = [0.0]
+    lines = []
+    p = evalmath.DecodeProgress(100, every=0.0, window=10.0, clock=lambda: now[0],
+                                stream=type("S", (), {"write": lambda self, t: lines.append(t), "flush": lambda s: 0})())
+    for t in range(1, 11):  # slow start: 1 problem per second (and 100 tok/s) for 10 s
+        now[0] = float(t)
+        p(t, 100, 100 * t)
+    for t in range(11, 21):  # then 4 problems per second (400 tok/s)
+        now[0] = float(t)
+        p(10 + 4 * (t - 10), 100, 1000 + 400 * (t - 10))
+    text = [x for x in lines if x.strip()]
+    assert text[-1] == "  decoding: 50/100 problems, 400 tok/s, ETA 12s"  # 50 left at the recent 4/s, not 2.5/s
+
+
+def test_evaluate_records_should_abort_returns_the_finished_problems(tiny):
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = Transformer.from_pretrained(tiny).eval()
+    records = [{"id": str(i), "question": q, "answer": "7"} for i, q in enumerate(QUESTIONS)]
+    full, _ = evalmath.evaluate_records(model, tok, records, "boxed", "gsm8k", 24, 2, eos_ids=[])
+    asked = []
+    items, summary = evalmath.evaluate_records(model, tok, records, "boxed", "gsm8k", 24, 2, eos_ids=[],
+                                               should_abort=lambda: asked.append(1) or len(asked) > 30)
+    assert summary["partial"] is True and 0 < len(items) < len(records) == summary["n"] + len(records) - len(items)
+    by_id = {it["id"]: it for it in full}
+    assert all(it == by_id[it["id"]] for it in items)  # what was finished is exactly the full run's
+    assert "partial" not in evalmath.evaluate_records(model, tok, records[:2], "boxed", "gsm8k", 4, 2)[1]
+
+
+def test_ctrl_c_writes_partial_results_without_traceback(tiny, shared, tmp_path):
+    """SIGINT to a running evalmath: the problems decoded so far are written, marked partial; exit 130."""
+    import signal
+    import time
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(REPO / "evalmath.py"), "--model", str(tiny), "--datasets", "gsm8k", "math",
+           "--data_dir", str(shared / "data"), "--max_new_tokens", "256", "--batch_size", "4",
+           "--output_dir", str(out), "--write_report", "false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = ""
+    while "evalmath: gsm8k" not in seen:  # decoding has started
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = seen + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopping: finishing the current decoding step" in err
+    (path,) = (out / "gsm8k").glob("*.json")
+    r = json.loads(path.read_text())
+    assert r["partial"] is True and r["summary"]["partial"] is True
+    assert 0 < len(r["items"]) < r["config"]["n_problems"] == 1319
+    assert not (out / "math").exists()  # the next dataset is not started
 
 
 # ----------------------------------------------------------------------------- grade / report / review

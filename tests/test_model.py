@@ -217,55 +217,6 @@ def test_return_hidden_then_lm_head_equals_logits(hf_dirs):
         assert torch.equal(m.lm_head(m(ids, doc_ids=doc_ids, return_hidden=True)), m(ids, doc_ids=doc_ids))
 
 
-PROMPTS = [[5, 17, 33, 4, 90, 12], [7, 8], [100, 3, 3, 41, 9, 60, 11, 2 + 20, 1, 77, 64]]
-
-
-def greedy_full_recompute(m, prompt, n, eos):
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(m(torch.tensor([seq]))[0, -1].argmax())
-            if t in eos:
-                return out, "eos"
-            out.append(t)
-            seq.append(t)
-    return out, "length"
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_kv_cached_greedy_matches_recompute_and_transformers(hf_dirs, arch):
-    m, hf = M.Transformer.from_pretrained(hf_dirs[arch]), load_hf(hf_dirs[arch])
-    n = 12
-    # eos = the 5th greedy token of prompt 0, so at least one row stops on eos and the others keep going
-    eos = {greedy_full_recompute(m, PROMPTS[0], 5, set())[0][4]}
-    ref = [greedy_full_recompute(m, p, n, eos) for p in PROMPTS]
-    assert ref[0][1] == "eos"
-    batched = M.generate(m, PROMPTS, n, eos)
-    singles = [M.generate(m, [p], n, eos)[0] for p in PROMPTS]
-    for (toks, reason), b, s in zip(ref, batched, singles):
-        assert (b.tokens, b.finish_reason) == (toks, reason) == (s.tokens, s.finish_reason)
-    with torch.no_grad():
-        for p, (toks, reason) in zip(PROMPTS, ref):
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=n, eos_token_id=sorted(eos), pad_token_id=0)
-            assert out[0, len(p):].tolist() == toks + ([sorted(eos)[0]] if reason == "eos" else [])
-
-
-def test_generate_should_stop_sampling_and_top_p(hf_dirs):
-    m = M.Transformer.from_pretrained(hf_dirs["llama"])
-    greedy = M.generate(m, PROMPTS, 8, [])
-    assert all(o.finish_reason == "length" and len(o.tokens) == 8 for o in greedy)
-    stopped = M.generate(m, PROMPTS, 8, [], should_stop=lambda i, toks: i == 1 and len(toks) == 3)
-    assert stopped[1].tokens == greedy[1].tokens[:3] and stopped[1].finish_reason == "stop"
-    assert stopped[0].tokens == greedy[0].tokens
-    # top_p -> 0 keeps only the most likely token: sampling equals greedy
-    tiny_p = M.generate(m, PROMPTS, 8, [], temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
-    assert [o.tokens for o in tiny_p] == [o.tokens for o in greedy]
-    s1, s2, s3 = (M.generate(m, PROMPTS, 8, [], temperature=1.5, generator=torch.Generator().manual_seed(s))
-                  for s in (3, 3, 4))
-    assert [o.tokens for o in s1] == [o.tokens for o in s2] != [o.tokens for o in s3]
-
-
 def test_save_pretrained_roundtrip_through_transformers(hf_dirs, tmp_path):
     x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(2))
     for arch in ["llama", "qwen2"]:
@@ -395,44 +346,6 @@ def test_load_hf_weights_into_fsdp2_sharded_model(hf_dirs, tmp_path):
            str(hf_dirs["qwen2"]), str(repo)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_prompt_lookup_decoding_gives_greedy_tokens(hf_dirs, arch):
-    """Drafts from n-gram lookup are verified against greedy: same tokens, finish reasons and stops as plain
-    greedy, whatever the draft length; long runs fill the cache with masked holes and compact it."""
-    m = M.Transformer.from_pretrained(hf_dirs[arch])
-    prompts = PROMPTS + [[9, 9, 9, 9, 9, 9, 9], list(range(20, 60)) * 2]  # repetitive prompts: drafts do match
-    n = 40
-    eos = {greedy_full_recompute(m, PROMPTS[0], 7, set())[0][6]}
-    plain = M.generate(m, prompts, n, eos)
-    compactions, orig = [], M.KVCache.compact
-
-    def counting_compact(self):
-        compactions.append(self.offset)
-        return orig(self)
-    M.KVCache.compact = counting_compact
-    try:
-        for k in (1, 4, 9):
-            drafted = M.generate(m, prompts, n, eos, prompt_lookup=k)
-            assert [(o.tokens, o.finish_reason) for o in drafted] == [(o.tokens, o.finish_reason) for o in plain]
-        stop = lambda i, toks: i == 2 and len(toks) == 5  # noqa: E731
-        assert [o.tokens for o in M.generate(m, prompts, n, eos, should_stop=stop, prompt_lookup=4)] == \
-            [o.tokens for o in M.generate(m, prompts, n, eos, should_stop=stop)]
-    finally:
-        M.KVCache.compact = orig
-    assert compactions, "a 40-token run with 9 drafts per step should have compacted the cache"
-    assert plain[0].finish_reason == "eos"
-
-
-def test_prompt_lookup_drafts_follow_the_latest_earlier_match():
-    pl = M.PromptLookup([1, 2, 3, 4, 1, 2, 5, 6], max_n=3)
-    pl.append(1)
-    pl.append(2)  # suffix (1, 2): latest earlier match ends at index 5 -> drafts 5, 6, 1
-    assert pl.draft(3) == [5, 6, 1]
-    pl.append(5)  # suffix (1, 2, 5) matched at index 6 -> 6, 1, 2, 5 (capped at k)
-    assert pl.draft(10) == [6, 1, 2, 5]
-    assert M.PromptLookup([7, 8], max_n=2).draft(4) == []  # 8 never occurred before
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
