@@ -499,6 +499,12 @@ def on_rank0(is_main: bool, fn):
 
 # ----------------------------------------------------------------------------- save and resume a run
 
+def default_job_name(cfg) -> str:
+    """The run folder's name without --job_name: <model>-<lora|full>-<data> (sft.Config `cfg`)."""
+    data = "+".join(Path(s).stem for s in (cfg.train_files or cfg.datasets))
+    return f"{Path(cfg.model_name_or_path).name}-{'lora' if cfg.use_lora else 'full'}-{data}"
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a resumed run needs to continue exactly (saved as JSON)."""
@@ -509,6 +515,23 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     tokens_seen: int = 0
+
+    def account(self, step: int, res: dict, log, max_bad_steps: int, job_dir: Path) -> None:
+        """Tokens and skipped steps of one step's numbers (runlog.read_step); a skipped step is logged, and
+        --max_bad_steps non-finite steps in a row raise a UserError."""
+        self.tokens_seen += res["tokens"]
+        if res["ok"]:
+            self.bad_in_row = 0
+            return
+        self.skipped_steps += 1  # no completion tokens (nothing to learn) or a non-finite loss / norm: no update
+        self.bad_in_row += res["label_tokens"] > 0
+        why = (f"non-finite loss {res['loss']} or grad norm {res['grad_norm']}" if res["label_tokens"] else
+               "no completion tokens in this batch (all truncated away?)")
+        log(f"step {step}: {why}: update skipped ({self.bad_in_row} in a row, {self.skipped_steps} in all)")
+        if self.bad_in_row >= max_bad_steps:
+            raise UserError(f"error: {self.bad_in_row} non-finite steps in a row (--max_bad_steps); stopping. "
+                            f"The last good checkpoint is in {job_dir} ({LATEST}). Lower "
+                            f"--learning_rate, check the data, or use --precision fp32.")
 
 
 def _is_dtensor(t) -> bool:

@@ -80,6 +80,28 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def read_step(res: dict) -> dict:
+    """The numbers of an sft.train_step result (its device tensors, one device -> host copy)."""
+    import torch
+
+    loss, tokens, labels, stop, norm, ok = torch.cat([res["sums"], res["norm"].reshape(1).float(),
+                                                      res["ok"].reshape(1).float()]).tolist()
+    return {"loss": loss / max(labels, 1.0), "grad_norm": norm, "lr": res["lr"], "ok": ok > 0,
+            "label_tokens": int(labels), "tokens": int(tokens), "stop": stop > 0}
+
+
+def log_step(log: RunLog, step: int, data, steps: list[tuple[int, dict]], dt: float, s_per_step: float) -> None:
+    """The progress line and metrics.jsonl record of `step`, the last of the read_step results `steps` (step,
+    numbers) that took `dt` seconds; the ETA from `s_per_step`; `data` is sft.Data (step counts)."""
+    res, tokens, epoch = steps[-1][1], sum(r["tokens"] for _, r in steps), step / data.updates_per_epoch
+    eta = fmt_time(s_per_step * (data.total_steps - step))
+    log(f"step {step}/{data.total_steps} | loss {res['loss']:.4f} | lr {res['lr']:.3e} | grad norm "
+        f"{res['grad_norm']:.3f} | {tokens / dt:,.0f} tok/s | epoch {epoch:.2f} | ETA {eta}")
+    log.metrics({"step": step, "loss": res["loss"], "lr": res["lr"], "grad_norm": res["grad_norm"],
+                 "tokens": res["tokens"], "tokens_per_s": tokens / dt, "label_tokens": res["label_tokens"],
+                 "epoch": epoch})
+
+
 def log_setup(log: RunLog, cfg, world: int, device, model, dtype, data, warmup: int) -> None:
     """The lines printed before the first step: parallelism, precision, parameters, batch, steps, data counts."""
     import lora

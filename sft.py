@@ -5,16 +5,15 @@
     python sft.py --dry_run --model_name_or_path Qwen/Qwen2.5-1.5B         # params + memory, no weights (dryrun.py)
     bash scripts/train/lora_train.sh "train.jsonl" models/llama-2-7b llama2-7b-lora   # LESS's flags (less.py)
 
-Read top to bottom: config; distributed setup; model, optimizer, schedule, data; the loss (a mean over all
-completion tokens of the global batch); evaluation; the loop (`train`: step, log, evaluate, save, stop); `main`.
-Elsewhere: checkpoint.py (run folder, save/resume), runlog.py (console, logs, Ctrl-C), cli.py, less.py, dryrun.py.
+Read top to bottom: config; distributed setup; model, optimizer, schedule, data; the loss (mean over all completion
+tokens of the global batch); evaluation; the loop (`train`: step, log, evaluate, save, stop); `main`. Elsewhere:
+checkpoint.py (run folder, train state, save/resume), runlog.py (console, logs, step numbers, Ctrl-C), cli.py,
+less.py, dryrun.py.
 
-On a GPU a step has no host sync: token and label counts and the trained positions come from the CPU batch
-(packing.py), batches are copied non_blocking from pinned memory with the next micro-batch in flight, one
-all-reduce of [loss, tokens, labels, stop] per step normalises the gradients after the backward passes, and
-the fused AdamW skips a non-finite step on the device; numbers are read (one `.tolist()`) at logging,
-evaluation and save steps only. Each decoder block is compiled on CUDA (--compile; fixed row length and
-document boundaries as data, so batches do not recompile).
+On a GPU a step has no host sync: counts and trained positions come from the CPU batch (packing.py), batches are
+copied non_blocking from pinned memory with the next one in flight, one all-reduce of [loss, tokens, labels, stop]
+normalises the gradients, the fused AdamW skips a non-finite step on the device; numbers are read (one `.tolist()`)
+at logging, evaluation and save steps only. --compile (on CUDA): each decoder block, fixed shapes per run.
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ import packing
 from cli import Bool, UserError, parse_config, run_main
 from data import IGNORE_INDEX
 from model import head_loss_sum
-from runlog import RunLog, StopFlag, fmt_time, log_setup
+from runlog import RunLog, StopFlag, log_setup, log_step, read_step
 
 # ============================================================================= config
 
@@ -158,10 +157,9 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
 def check_config(cfg: Config) -> list[str]:
     """One error naming every impossible setting; returns warnings."""
     c, lora_on = cfg, cfg.use_lora
-    rules = {"per_device_train_batch_size": (c.per_device_train_batch_size >= 1, ">= 1"),
-             "gradient_accumulation_steps": (c.gradient_accumulation_steps >= 1, ">= 1"),
-             "max_seq_length": (c.max_seq_length >= 1, ">= 1"), "logging_steps": (c.logging_steps >= 1, ">= 1"),
-             "max_bad_steps": (c.max_bad_steps >= 1, ">= 1"), "warmup_ratio": (0 <= c.warmup_ratio <= 1, "in [0, 1]"),
+    rules = {**{n: (getattr(c, n) >= 1, ">= 1") for n in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                          "max_seq_length", "logging_steps", "max_bad_steps")},
+             "warmup_ratio": (0 <= c.warmup_ratio <= 1, "in [0, 1]"),
              "learning_rate": (c.learning_rate > 0, "> 0 (e.g. 2e-4 for LoRA, 1e-5 for full fine-tuning)"),
              "valid_fraction": (0 <= c.valid_fraction < 1, "in [0, 1)"), "percentage": (0 < c.percentage <= 1, "in (0, 1]"),
              "loraplus_lr_ratio": (c.loraplus_lr_ratio > 0, "> 0 (1: plain LoRA; LoRA+ uses ~16)"),
@@ -186,11 +184,6 @@ def check_config(cfg: Config) -> list[str]:
     if not cfg.use_lora and changed and not cfg.less_compat:
         return [f"--use_lora false: LoRA-only settings have no effect: {', '.join('--' + n for n in changed)}"]
     return []
-
-
-def default_job_name(cfg: Config) -> str:
-    data = "+".join(Path(s).stem for s in (cfg.train_files or cfg.datasets))
-    return f"{Path(cfg.model_name_or_path).name}-{'lora' if cfg.use_lora else 'full'}-{data}"
 
 
 # ============================================================================= distributed
@@ -265,9 +258,8 @@ def load_weights(model, cfg: Config, d: Dist) -> None:
 
 
 def build_optimizer(cfg: Config, named: list[tuple[str, torch.nn.Parameter]], d: Dist) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no weight decay on biases and norm weights (1-D). With
-    --loraplus_lr_ratio R != 1 the LoRA B matrices get their own group whose lr is R x the schedule's
-    (the group's `lr_ratio`, applied every step)."""
+    """AdamW over the trainable parameters; no weight decay on 1-D ones (biases, norms). --loraplus_lr_ratio R != 1:
+    the LoRA B matrices get their own group, lr R x the schedule's (the group's `lr_ratio`, applied every step)."""
     plus = cfg.use_lora and cfg.loraplus_lr_ratio != 1.0
     lora_b = [p for n, p in named if plus and ".lora_B" in n]
     decay = [p for _, p in named if p.ndim >= 2 and not any(p is b for b in lora_b)]
@@ -337,9 +329,9 @@ def autocast(run: Run):
 
 
 def loss_sum(run: Run, batch: dict) -> torch.Tensor:
-    """Sum of token cross-entropies of one micro-batch (a device tensor); labels are pre-shifted (packing.py).
-    --loss_chunk_tokens N > 0 (default) takes the fast path: lm_head + loss over completion tokens only, N at a
-    time (model.head_loss_sum, the same loss). To try another loss, edit the plain branch, --loss_chunk_tokens 0."""
+    """Sum of token cross-entropies of one micro-batch (device tensor; labels pre-shifted, packing.py). The default
+    --loss_chunk_tokens N > 0: lm_head + loss on completion tokens only, N at a time (model.head_loss_sum, the same
+    loss). To try another loss, edit the plain branch and use --loss_chunk_tokens 0."""
     b = batch if batch["input_ids"].device == run.d.device else packing.to_device(batch, run.d.device)
     chunk = run.cfg.loss_chunk_tokens
     with autocast(run):
@@ -352,12 +344,10 @@ def loss_sum(run: Run, batch: dict) -> torch.Tensor:
 
 
 def train_step(run: Run, micro: list[dict]) -> dict:
-    """One optimizer step over this rank's micro-batches (on the device) without a host sync. FSDP averages
-    gradients over ranks, so each backward uses loss_sum * world; one all-reduce of [loss, tokens, labels, stop]
-    then gives the global completion-token count and the gradients are divided by it: the gradient of the mean
-    over tokens (gloo has no PREMUL_SUM for a divide factor of 1). A non-finite loss or norm, or no labels: no
-    update (the fused CUDA AdamW skips it on the device via found_inf; on CPU the flag is read, which is free).
-    Returns device tensors; read_step turns them into numbers."""
+    """One optimizer step over this rank's micro-batches, no host sync. FSDP averages gradients over ranks, so each
+    backward uses loss_sum * world; the all-reduced label count then divides the gradients: the gradient of the mean
+    over tokens (gloo has no PREMUL_SUM). A non-finite loss or norm, or no labels: no update (fused CUDA AdamW: on
+    the device via found_inf; on CPU the flag is read). Returns device tensors; runlog.read_step reads them."""
     d, cfg = run.d, run.cfg
     stop = float(run.stop.raised) if run.stop else 0.0
     counts = torch.tensor([0.0, float(sum(int(m["num_tokens"]) for m in micro)),
@@ -390,57 +380,52 @@ def train_step(run: Run, micro: list[dict]) -> dict:
     return {"sums": sums, "norm": norm, "ok": ok, "lr": lr}
 
 
-def read_step(res: dict) -> dict:
-    """The numbers of a train_step result (one device -> host copy)."""
-    loss, tokens, labels, stop, norm, ok = torch.cat([res["sums"], res["norm"].reshape(1).float(),
-                                                      res["ok"].reshape(1).float()]).tolist()
-    return {"loss": loss / max(labels, 1.0), "grad_norm": norm, "lr": res["lr"], "ok": ok > 0,
-            "label_tokens": int(labels), "tokens": int(tokens), "stop": stop > 0}
-
-
 # ============================================================================= evaluation
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict:
-    """Validation loss (mean over completion tokens of the first --eval_max_batches batches) and, with
-    --eval_accuracy_samples N, greedy accuracy on N validation problems (evalmath)."""
+def evaluate(run: Run) -> dict | None:
+    """Validation loss (mean over completion tokens of --eval_max_batches batches) and, with --eval_accuracy_samples
+    N, greedy accuracy on N validation problems (evalmath). None: a signal (agreed by all ranks) stopped it."""
     d, cfg, out = run.d, run.cfg, {}
-    stopped = (lambda: run.stop.agreed(d.device)) if run.stop else (lambda: False)  # Ctrl-C: stop after a batch
+    stopped = (lambda: run.stop.agreed(d.device)) if run.stop else (lambda: False)
     n = min(cfg.eval_max_batches, run.data.valid.steps_in_epoch(0)) if run.data.valid is not None else 0
     if n or cfg.eval_accuracy_samples:
         run.log(f"evaluating at step {run.st.step}: {n} validation batches"
                 + (f", greedy accuracy on {cfg.eval_accuracy_samples} problems" if cfg.eval_accuracy_samples else ""))
     run.model.eval()
-    if run.data.valid is not None:
-        tot = torch.zeros(2, device=d.device)  # loss sum, completion tokens
-        for s in range(n):
-            if stopped():
-                return {}
-            batch = run.data.valid.batch(0, s)
-            tot[0] += loss_sum(run, batch).float()
-            tot[1] += int(batch["num_labels"])
-        if all_reduce(tot, d)[1] > 0:
-            out["eval_loss"] = float(tot[0] / tot[1])
-    if cfg.eval_accuracy_samples > 0:
-        import evalmath  # lazy: evalmath never imports sft
+    try:
+        if run.data.valid is not None:
+            tot = torch.zeros(2, device=d.device)  # loss sum, completion tokens
+            for s in range(n):
+                if stopped():
+                    return None
+                batch = run.data.valid.batch(0, s)
+                tot[0] += loss_sum(run, batch).float()
+                tot[1] += int(batch["num_labels"])
+            if all_reduce(tot, d)[1] > 0:
+                out["eval_loss"] = float(tot[0] / tot[1])
+        if cfg.eval_accuracy_samples > 0:
+            import evalmath  # lazy: evalmath never imports sft
 
-        out.update(evalmath.accuracy_during_training(
-            run.model, run.data.cache_root / "records" / "valid.jsonl", cfg.eval_accuracy_samples,
-            cfg.model_name_or_path, cfg.template, cfg.eval_max_new_tokens, autocast(run), stopped))
-    run.model.train()
-    return {} if stopped() else out
+            out.update(evalmath.accuracy_during_training(
+                run.model, run.data.cache_root / "records" / "valid.jsonl", cfg.eval_accuracy_samples,
+                cfg.model_name_or_path, cfg.template, cfg.eval_max_new_tokens, autocast(run), stopped))
+    finally:
+        run.model.train()
+    return None if stopped() else out
 
 
-def evaluate_and_track(run: Run) -> bool:
-    """Evaluate and log; a new best --metric_for_best is saved as checkpoint-best. True: stop early (patience)."""
+def evaluate_and_track(run: Run) -> str:
+    """Evaluate and log; a new best --metric_for_best is saved as checkpoint-best. Returns why the run stops
+    here: "signal" (evaluation interrupted, nothing logged), "early stop" (patience used up) or ""."""
     t0 = time.time()
     res = evaluate(run)
-    if not res:
-        return False
+    if not res:  # None: a signal stopped it; {}: nothing to evaluate
+        return "signal" if res is None else ""
     run.last_eval = {"step": run.st.step, **res}
     run.log.metrics(run.last_eval)
     run.log(f"eval step {run.st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()) + f" ({time.time() - t0:.1f}s)")
-    return ck.track_best(run, res)
+    return "early stop" if ck.track_best(run, res) else ""
 
 
 # ============================================================================= the loop
@@ -466,9 +451,9 @@ class Run:
 
 
 def train(run: Run) -> None:
-    """Step, log, evaluate, save, stop; until the last step, a signal (saved first) or early stopping. Step
-    results are read from the device at logging, evaluation and save steps (every step on CPU): a signal or a
-    run of non-finite steps is acted upon at the next of those (--logging_steps 1, the default: every step)."""
+    """Step, log, evaluate, save, stop; until the last step, a signal or early stopping (the step is saved first).
+    Step results are read at logging, evaluation and save steps (every step on CPU): a signal or non-finite steps
+    are acted upon at the next of those; a signal during an evaluation stops it before its next batch."""
     cfg, d, data = run.cfg, run.d, run.data
     run.stop = StopFlag(say=d.main)
     stream = (b for _ in iter(int, 1) for b in data.train.iter_on(d.device))  # epoch after epoch, next in flight
@@ -487,46 +472,21 @@ def train(run: Run) -> None:
             steps, pending = [(n, read_step(r)) for n, r in pending], []
             dt = time.time() - t_read
             recent.extend([dt / len(steps)] * len(steps))
-            for n, res in steps:
-                _account(run, n, res)
-            stopping = any(r["stop"] for _, r in steps)
-            if log_now:
-                res, tokens = steps[-1][1], sum(r["tokens"] for _, r in steps)
-                eta = sum(recent) / len(recent) * (data.total_steps - st.step)
-                epoch = st.step / data.updates_per_epoch
-                run.log(f"step {st.step}/{data.total_steps} | loss {res['loss']:.4f} | lr {res['lr']:.3e} | grad norm "
-                        f"{res['grad_norm']:.3f} | {tokens / dt:,.0f} tok/s | epoch {epoch:.2f} | ETA {fmt_time(eta)}")
-                run.log.metrics({"step": st.step, "loss": res["loss"], "lr": res["lr"], "grad_norm": res["grad_norm"],
-                                 "tokens": res["tokens"], "tokens_per_s": tokens / dt,
-                                 "label_tokens": res["label_tokens"], "epoch": epoch})
-            early = eval_now and evaluate_and_track(run)
-            if early or stopping or ck.due(run):
-                ck.save(run, "signal" if stopping else "early stop" if early else "interval")
+            for n, res in steps:  # tokens seen; skipped steps logged, --max_bad_steps in a row: an error
+                st.account(n, res, run.log, cfg.max_bad_steps, run.job_dir)
+            stop = "signal" if any(r["stop"] for _, r in steps) else ""
+            if log_now:  # progress line + metrics.jsonl record of the last step; throughput over the read steps
+                log_step(run.log, st.step, data, steps, dt, sum(recent) / len(recent))
+            stop = stop or (evaluate_and_track(run) if eval_now else "")  # a signal or patience
+            if stop or ck.due(run):
+                ck.save(run, stop or "interval")
             t_read = time.time()
-            if stopping or early:
-                run.log(("stopping on a signal" if stopping else "early stopping") + f" at step {st.step}")
+            if stop:
+                run.log(("stopping on a signal" if stop == "signal" else "early stopping") + f" at step {st.step}")
                 return
     finally:
         run.stop.restore()
         run.stop = None
-
-
-def _account(run: Run, step: int, res: dict) -> None:
-    """Token and skipped-step bookkeeping of one read step; --max_bad_steps non-finite steps in a row stop."""
-    st, cfg = run.st, run.cfg
-    st.tokens_seen += res["tokens"]
-    if res["ok"]:
-        st.bad_in_row = 0
-        return
-    st.skipped_steps += 1  # no completion tokens (nothing to learn) or a non-finite loss / norm: no update
-    st.bad_in_row += res["label_tokens"] > 0
-    why = (f"non-finite loss {res['loss']} or grad norm {res['grad_norm']}" if res["label_tokens"] else
-           "no completion tokens in this batch (all truncated away?)")
-    run.log(f"step {step}: {why}: update skipped ({st.bad_in_row} in a row, {st.skipped_steps} in all)")
-    if st.bad_in_row >= cfg.max_bad_steps:
-        raise UserError(f"error: {st.bad_in_row} non-finite steps in a row (--max_bad_steps); stopping. "
-                        f"The last good checkpoint is in {run.job_dir} ({ck.LATEST}). Lower "
-                        f"--learning_rate, check the data, or use --precision fp32.")
 
 
 # ============================================================================= main
@@ -534,7 +494,7 @@ def _account(run: Run, step: int, res: dict) -> None:
 def setup(cfg: Config, d: Dist, notes: list[str]) -> Run:
     """Check everything (flags, model, weights, data) before the run folder is written: lock it, refuse to clobber
     a previous run, build model, optimizer, data and schedule, then write config.json and start the log."""
-    cfg = dataclasses.replace(cfg, job_name=cfg.job_name or default_job_name(cfg))
+    cfg = dataclasses.replace(cfg, job_name=cfg.job_name or ck.default_job_name(cfg))
     job_dir = Path(cfg.output_dir) / cfg.job_name
     notes = notes + check_config(cfg)
     dtype = M.pick_dtype(cfg.precision, d.device.type)
@@ -566,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         return dryrun.dry_run(cfg, cfg.dry_run_world_size or int(os.environ.get("WORLD_SIZE", "1")))
     d = init_distributed()
     ck.seed_everything(cfg.seed)
-    job_dir = Path(cfg.output_dir) / (cfg.job_name or default_job_name(cfg))
+    job_dir = Path(cfg.output_dir) / (cfg.job_name or ck.default_job_name(cfg))
     try:
         run = setup(cfg, d, notes)
         if run.cfg.resume_from_checkpoint:
