@@ -724,7 +724,9 @@ def test_ctrl_c_during_evaluation_saves_and_resumes_exactly(work, reference):
     for line in proc.stdout:
         if "step 1/400" in line:
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.05)
+            break
+    for line in proc.stderr:  # the second Ctrl-C once the first is acknowledged, while the step still runs
+        if line.startswith("[") and "stopping:" in line:
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=300)
