@@ -7,13 +7,13 @@
 
 Read top to bottom: config; distributed setup; model, optimizer, schedule, data; the loss (mean over all completion
 tokens of the global batch); evaluation; the loop (`train`: step, log, evaluate, save, stop); `main`. Elsewhere:
-checkpoint.py (run folder, train state, save/resume), runlog.py (console, logs, step numbers, Ctrl-C), cli.py,
-less.py, dryrun.py.
+checkpoint.py (run folder, train state, save/resume), runlog.py (console, logs, Ctrl-C), cli.py, less.py, dryrun.py.
 
 On a GPU a step has no host sync: counts and trained positions come from the CPU batch (packing.py), batches are
 copied non_blocking from pinned memory with the next one in flight, one all-reduce of [loss, tokens, labels, stop]
 normalises the gradients, the fused AdamW skips a non-finite step on the device; numbers are read (one `.tolist()`)
-at logging, evaluation and save steps only. --compile (on CUDA): each decoder block, fixed shapes per run.
+at logging, evaluation and save steps only. --compile (default on CUDA) compiles each decoder block once (fixed row
+length, document boundaries as data).
 """
 from __future__ import annotations
 
