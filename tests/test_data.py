@@ -396,7 +396,7 @@ def test_rows_never_mix_documents(cache):
 @pytest.mark.parametrize("packing", [True, False])
 def test_batch_counts_and_cu_seqlens_are_computed_on_the_cpu(cache, packing):
     """cu_seqlens / max_seqlen / num_tokens / num_labels equal what the device would compute from the batch."""
-    from model import cu_seqlens_from_doc_ids
+    from attention import cu_seqlens_from_doc_ids
 
     loader = PackedLoader(cache, seq_len=1024, batch_size=3, seed=1, packing=packing, drop_last=False)
     for b in loader:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import attention
 import model as M
 from maketiny import make_tiny
 
@@ -140,8 +141,8 @@ def test_packed_rows_equal_each_document_alone(hf_dirs, impl, given):
 def test_cu_seqlens_from_doc_ids_and_doc_index():
     ids, doc_ids, lens = packed_example()
     cu, mx = cu_seqlens_of(lens)
-    assert torch.equal(M.cu_seqlens_from_doc_ids(doc_ids), cu) and mx == 28
-    assert torch.equal(M.doc_index(cu, doc_ids.numel()).view_as(doc_ids), M.segment_ids(doc_ids))
+    assert torch.equal(attention.cu_seqlens_from_doc_ids(doc_ids), cu) and mx == 28
+    assert torch.equal(attention.doc_index(cu, doc_ids.numel()).view_as(doc_ids), attention.segment_ids(doc_ids))
 
 
 def test_packed_matches_transformers_position_ids_path(hf_dirs):
