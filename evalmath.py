@@ -14,12 +14,12 @@ Read top to bottom:
                   protocols of lm-evaluation-harness: gsm8k_cot (8 Wei et al. exemplars) and minerva_math
                   (4 Minerva exemplars); each has a versioned name written into the results
   2. config     - a typed dataclass; YAML defaults via --config (unknown keys are errors), flags override
-  3. loading    - base model, full checkpoint or LoRA checkpoint (+ adapter, merged), tokenizer, EOS ids
-  4. decoding   - decode.py's continuously batched static-cache decoder, stop strings, n samples, progress
-  5. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
-  6. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
-  7. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
-  8. CLI        - the plain form and the grade / report / review subcommands
+  3. decoding   - decode.py's continuously batched static-cache decoder, stop strings, n samples, progress
+  4. grading    - grader.grade on every response, per-item results, summary (reports.summarize)
+  5. API        - evaluate_records(model, tokenizer, records, ...) for sft.py's in-training accuracy
+  6. runs       - datasets -> result JSON (outputs/eval/<dataset>/<run_id>.json) + outputs/reports/<run_id>.md
+  7. CLI        - the plain form and the grade / report / review subcommands
+What to evaluate (model, checkpoint, LoRA adapter, run folder), its pre-flight and loading: evalmodel.py.
 
 Model output is untrusted text: it is only matched with regexes and handed to grader.py (which never
 evaluates it). Greedy results do not depend on the batch size or the number of ranks.
@@ -45,11 +45,11 @@ from typing import Literal
 import torch
 
 import cli
+import evalmodel
 import reports
-from cli import Bool, UserError, write_json
+from cli import Bool, write_json
 from model import pick_dtype
 
-REPO = Path(__file__).resolve().parent
 RESULT_FORMAT = "mathsft-eval-v1"
 GRADER_DATASETS = ("gsm8k", "math")
 
@@ -117,8 +117,6 @@ MINERVA_MATH_EXEMPLARS: tuple[tuple[str, str], ...] = (
 )
 GSM8K_STOPS = ("Q:", "</s>", "<|im_end|>")
 MINERVA_STOPS = ("Problem:",)
-# Chat end tokens that also stop decoding when the tokenizer has them (beside generation_config's EOS ids).
-CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 # The zero-shot no-CoT variant (--cot false) swaps the templates' step-by-step instruction for this one.
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DIRECT_INSTRUCTION = "Give only the final answer within \\boxed{}, without any explanation."
@@ -254,186 +252,7 @@ def parse_config(argv: list[str]) -> EvalConfig:
     return cli.parse_config(EvalConfig, argv, prog="evalmath.py")[0]
 
 
-# ----------------------------------------------------------------------------- 3. loading
-
-@dataclass
-class ModelSource:
-    """Where the weights, the adapter, the tokenizer and the template come from."""
-
-    base: Path  # HF folder with config.json + safetensors
-    adapter: Path | None
-    tokenizer: Path
-    template: str | None
-    template_from: str | None  # the file the template name was read from
-    checkpoint: Path | None = None  # the checkpoint picked in a run folder (checkpoint-best, else latest)
-    fine_tuned_from: str | None = None  # a full checkpoint's base model, from its trainer_state.json
-
-
-def run_checkpoint(folder: Path) -> Path | None:
-    """In an sft.py run folder: the checkpoint `checkpoint-best` links to, else the one `latest` names."""
-    best = folder / "checkpoint-best"
-    if best.is_dir():
-        return folder / os.readlink(best) if best.is_symlink() else best
-    latest = folder / "latest"
-    if latest.is_file() and (folder / latest.read_text().strip()).is_dir():
-        return folder / latest.read_text().strip()
-    return None
-
-
-def _resolve_dir(path: str | os.PathLike, flag: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"error: {flag} {p}: no such file or folder")
-    return run_checkpoint(p) or p
-
-
-def _has_tokenizer(p: Path) -> bool:
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
-                                           "tokenizer_config.json"))
-
-
-def _read_json(p: Path) -> dict | None:
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def find_template(folder: Path) -> tuple[str | None, str | None]:
-    """(template, file it was read from): the `template` (or `config.template`) sft.py recorded in the checkpoint's
-    trainer_state.json, else that of the data cache its `data_cache_dir` names (a meta.json's `template` or
-    `settings.template`)."""
-    state = _read_json(folder / "trainer_state.json") or {}
-    t = state.get("template") or (state.get("config") or {}).get("template")
-    if isinstance(t, str):
-        return t, str(folder / "trainer_state.json")
-    cache = state.get("data_cache_dir")
-    for m in ((Path(cache) / "meta.json", *sorted(Path(cache).glob("*/meta.json"))) if cache else ()):
-        meta = _read_json(m) or {}
-        t = meta.get("template") if isinstance(meta.get("template"), str) else (meta.get("settings") or {}).get("template")
-        if isinstance(t, str):
-            return t, str(m)
-    return None, None
-
-
-def resolve_model(model: str, adapter: str | None = None, base_model: str | None = None) -> ModelSource:
-    """Base model, full checkpoint (HF weights) or LoRA checkpoint (base path from adapter_config.json)."""
-    import lora
-
-    path = _resolve_dir(model, "--model")
-    picked = path if path != Path(model) else None
-    adapter_dir = _resolve_dir(adapter, "--adapter") if adapter else None
-    if adapter_dir is None and (path / lora.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
-        adapter_dir = path
-    if adapter_dir is not None and adapter_dir == path:
-        _, recorded = lora.read_adapter_config(adapter_dir)
-        base_str = base_model or recorded
-        if not base_str:
-            raise SystemExit(f"error: {adapter_dir}/{lora.ADAPTER_CONFIG} names no base_model_name_or_path; "
-                             "pass --base_model PATH")
-        if not base_model and not Path(base_str).exists() and (REPO / base_str).exists():
-            base_str = str(REPO / base_str)  # a repo-relative path recorded by sft.py, run from elsewhere
-        base = _resolve_dir(base_str, "--base_model" if base_model else
-                            f"base_model_name_or_path in {adapter_dir}/{lora.ADAPTER_CONFIG} (override: "
-                            "--base_model PATH)")
-    else:
-        base = _resolve_dir(base_model, "--base_model") if base_model else path
-    if not (base / "config.json").is_file():
-        raise SystemExit(f"error: {base} has no config.json: expected a Hugging Face model folder, an sft "
-                         "checkpoint (checkpoint-N/) or a LoRA adapter folder")
-    meta_dir = adapter_dir or path
-    template, template_from = find_template(meta_dir)
-    tok_dir = next((d for d in (adapter_dir, path, base) if d is not None and _has_tokenizer(d)), base)
-    state = (_read_json(path / "trainer_state.json") or {}) if adapter_dir is None else {}
-    origin = state.get("base_model_name_or_path") or (state.get("config") or {}).get("model_name_or_path")
-    origin = origin if isinstance(origin, str) else None
-    return ModelSource(base, adapter_dir, tok_dir, template, template_from, picked, origin)
-
-
-def verify_checkpoint(folder: Path) -> None:
-    """A checkpoint with a manifest.json (sft.py writes one last) is checked against it as resume does: every
-    file present with its size, and the sha256 (when the save recorded one: sft.py --checksum) of the files
-    evaluation reads (not the training state shards).
-    Read-only. A folder without a manifest (a model, an adapter, another trainer's checkpoint) passes."""
-    import checkpoint as ck
-
-    if not (folder / ck.MANIFEST).is_file():
-        return
-    reason = ck.verify(folder, check_hashes=False)
-    if reason is None:
-        files = json.loads((folder / ck.MANIFEST).read_text())["files"]
-        for rel, info in files.items():
-            if not rel.startswith("state-") and rel != "optimizer.bin" and "sha256" in info and \
-                    ck.sha256_file(folder / rel) != info["sha256"]:
-                reason = f"{rel}: sha256 does not match the manifest"
-                break
-    if reason is not None:
-        raise UserError(f"{folder}: damaged checkpoint: {reason}; evaluate another checkpoint of the run "
-                        f"(the checkpoint-* folders in {folder.parent}) or restore this one")
-
-
-def check_model_files(src: ModelSource) -> None:
-    """Pre-flight before loading: checkpoint manifests, the base model's config.json, its and the adapter's
-    safetensors headers. Raises an error naming the file, what was expected and the fix."""
-    import lora
-    import model as M
-
-    for folder in dict.fromkeys(d for d in (src.adapter, src.base) if d is not None):
-        verify_checkpoint(folder)
-    M.load_config(src.base)
-    M.check_weights(src.base)
-    if src.adapter is not None:
-        if not (src.adapter / lora.ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"{src.adapter}: no {lora.ADAPTER_WEIGHTS}; expected a LoRA adapter folder "
-                            "(adapter_config.json + adapter_model.safetensors)")
-        M.check_safetensors(src.adapter / lora.ADAPTER_WEIGHTS)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(device)
-
-
-def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, merge: bool = True, check: bool = True):
-    """(model, tokenizer) in eval mode; a LoRA adapter is loaded onto the base and merged when `merge`.
-    `check`: run check_model_files first (run() does it itself, before printing what it evaluates)."""
-    from transformers import AutoTokenizer
-
-    import lora
-    from model import Transformer
-
-    if check:
-        check_model_files(src)
-    model = Transformer.from_pretrained(src.base, dtype=dtype, device=device)
-    if src.adapter is not None:
-        try:
-            lora.load_adapter(model, src.adapter, dtype=dtype)
-        except (KeyError, ValueError) as e:
-            raise UserError(f"--adapter {src.adapter} does not fit the base model {src.base}: {e}; pass the "
-                            "base it was trained on with --base_model PATH") from None
-        if merge:
-            lora.merge_lora(model)
-    tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
-    return model.eval(), tokenizer
-
-
-def eos_token_ids(tokenizer, generation_config: dict | None = None) -> list[int]:
-    """generation_config's eos list + the tokenizer's EOS + chat end tokens that exist in the vocabulary."""
-    ids: set[int] = set()
-    eos = (generation_config or {}).get("eos_token_id")
-    ids.update([eos] if isinstance(eos, int) else (eos or []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in CHAT_END_TOKENS if t in vocab)
-    return sorted(ids)
-
-
-# ----------------------------------------------------------------------------- 4. decoding
+# ----------------------------------------------------------------------------- 3. decoding
 
 @dataclass
 class Generation:
@@ -510,7 +329,7 @@ def decode(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, b
     return out
 
 
-# ----------------------------------------------------------------------------- 5. grading
+# ----------------------------------------------------------------------------- 4. grading
 
 def gold_of(record: dict) -> str:
     gold = record.get("answer")
@@ -549,7 +368,7 @@ def make_item(record: dict, gens: list[Generation], dataset: str) -> dict:
     return item
 
 
-# ----------------------------------------------------------------------------- 6. API (also sft.py's)
+# ----------------------------------------------------------------------------- 5. API (also sft.py's)
 
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -586,7 +405,7 @@ def evaluate_records(model, tokenizer, records: list[dict], template=None, datas
     mine = list(range(len(records)))[rank::world]
     prompts = [prompt_ids(protocol, records[i]["question"], tokenizer, template) for i in mine]
     if eos_ids is None:
-        eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+        eos_ids = evalmodel.eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     was_training = model.training
     model.eval()
     try:
@@ -649,7 +468,7 @@ def accuracy_during_training(model, records_file: Path, limit: int, tokenizer_pa
     return {"eval_accuracy": sum(bool(it["correct"]) for it in items) / len(records)}
 
 
-# ----------------------------------------------------------------------------- 7. runs
+# ----------------------------------------------------------------------------- 6. runs
 
 def load_eval_records(name: str, cfg: EvalConfig) -> list[dict]:
     """One dataset's records via data.load_records (named dataset or --dataset_file path)."""
@@ -739,8 +558,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist_info()
 
 
-def build_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
-                 items: list[dict], summary: dict, extra: dict) -> dict:
+def build_result(cfg: EvalConfig, src: evalmodel.ModelSource, name: str, protocol: Protocol,
+                 records: list[dict], items: list[dict], summary: dict, extra: dict) -> dict:
     stamp = extra.pop("stamp")
     run_id = cfg.run_id or make_run_id(str(src.checkpoint or cfg.model), name, protocol, stamp, cfg.run_name)
     if cfg.run_id and len(cfg.datasets) + bool(cfg.dataset_file) > 1:
@@ -794,15 +613,15 @@ def run(cfg: EvalConfig) -> list[Path]:
     import decode as decoder
 
     check_config(cfg)
-    device = pick_device(cfg.device)
+    device = evalmodel.pick_device(cfg.device)
     try:
         dtype = pick_dtype(cfg.dtype, device.type)
     except ValueError as e:
         raise cli.UserError(f"error: --{e}") from None
     rank, world = init_distributed(device)
     say = (lambda *a: None) if (cfg.quiet or rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    src = resolve_model(cfg.model, cfg.adapter, cfg.base_model)
-    check_model_files(src)
+    src = evalmodel.resolve_model(cfg.model, cfg.adapter, cfg.base_model)
+    evalmodel.check_model_files(src)
     if src.checkpoint is not None:
         say(f"evalmath: {cfg.model} is a run folder: evaluating {src.checkpoint.name} "
             f"({'checkpoint-best' if (Path(cfg.model) / 'checkpoint-best').is_dir() else 'latest'})")
@@ -819,8 +638,8 @@ def run(cfg: EvalConfig) -> list[Path]:
         except data.DataError as e:
             raise SystemExit(f"error: --template: {e}") from e
     sets = eval_sets(cfg)
-    model, tokenizer = load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
-    eos = eos_token_ids(tokenizer, model.generation_config)
+    model, tokenizer = evalmodel.load_model(src, device, dtype, merge=cfg.merge_lora, check=False)
+    eos = evalmodel.eos_token_ids(tokenizer, model.generation_config)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []
     with StopOnCtrlC(lambda m: print(m, file=sys.stderr, flush=True) if rank == 0 else None) as interrupted:
@@ -854,9 +673,9 @@ def run(cfg: EvalConfig) -> list[Path]:
     return written
 
 
-def write_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protocol, records: list[dict],
-                 items: list[dict], summary: dict, elapsed: float, stamp: str, eos: list[int], dtype, device,
-                 world: int, partial: bool, say) -> Path:
+def write_result(cfg: EvalConfig, src: evalmodel.ModelSource, name: str, protocol: Protocol,
+                 records: list[dict], items: list[dict], summary: dict, elapsed: float, stamp: str,
+                 eos: list[int], dtype, device, world: int, partial: bool, say) -> Path:
     """The result JSON (and report) of one dataset; `partial`: only the problems decoded before a Ctrl-C."""
     n_tok = sum(s["n_tokens"] for it in items for s in it.get("samples", [it]))
     extra = {"stamp": stamp, "timing": {"seconds": round(elapsed, 3), "generated_tokens": n_tok,
@@ -878,7 +697,7 @@ def write_result(cfg: EvalConfig, src: ModelSource, name: str, protocol: Protoco
     return path
 
 
-# ----------------------------------------------------------------------------- 8. CLI: subcommands
+# ----------------------------------------------------------------------------- 7. CLI: subcommands
 
 def cmd_grade(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="evalmath.py grade", description="Re-grade responses without a model.")

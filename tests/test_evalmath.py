@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import evalmath
+import evalmodel
 import reports
 from cli import UserError, write_json
 
@@ -127,7 +128,7 @@ def hf_greedy(tiny):
 
     tok = AutoTokenizer.from_pretrained(tiny)
     hf = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    eos = evalmath.eos_token_ids(tok, json.loads((tiny / "generation_config.json").read_text()))
+    eos = evalmodel.eos_token_ids(tok, json.loads((tiny / "generation_config.json").read_text()))
     prompts = [tok(q)["input_ids"] for q in QUESTIONS]
     refs = []
     for p in prompts:
@@ -266,7 +267,7 @@ def test_sft_job_folder_resolves_to_its_latest_checkpoint(lora_dirs, tiny):
     job = adapter.parent
     (job / "config.json").write_text(json.dumps({"learning_rate": 1e-3}))  # sft's run config, not a model
     (job / "latest").write_text(adapter.name + "\n")
-    src = evalmath.resolve_model(str(job))
+    src = evalmodel.resolve_model(str(job))
     assert (src.base, src.adapter, src.template) == (tiny, adapter, "plain")
 
 
@@ -276,9 +277,9 @@ def test_template_falls_back_to_the_data_cache_meta(tmp_path):
     (cache / "train").mkdir(parents=True)
     (cache / "train" / "meta.json").write_text(json.dumps({"template": "tulu", "tokenizer": "t"}))
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 5, "data_cache_dir": str(cache)}))
-    assert evalmath.find_template(ckpt) == ("tulu", str(cache / "train" / "meta.json"))
+    assert evalmodel.find_template(ckpt) == ("tulu", str(cache / "train" / "meta.json"))
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 5}))
-    assert evalmath.find_template(ckpt) == (None, None)
+    assert evalmodel.find_template(ckpt) == (None, None)
 
 
 @pytest.mark.slow  # two torchrun workers each import torch + transformers (~40 s on a busy 2-core machine)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import evalmath
+import evalmodel
 import reports
 import svg
 from cli import write_json
@@ -162,7 +163,7 @@ def test_run_folder_evaluates_checkpoint_best_else_latest(tiny, tmp_path, capsys
     md = (tmp_path / "rep" / f"{result['run_id']}.md").read_text()
     assert "(fine-tuned from `models/tiny`); checkpoint `" in md and "checkpoint-000002` of the run folder" in md
     (job / "checkpoint-best").unlink()
-    assert evalmath.resolve_model(str(job)).checkpoint == job / "checkpoint-000004"
+    assert evalmodel.resolve_model(str(job)).checkpoint == job / "checkpoint-000004"
 
 
 def test_demo_report_on_real_gsm8k_says_what_a_tiny_model_can_reach(shared):

@@ -298,7 +298,7 @@ def test_lora_modules_to_save_trains_saves_and_loads_in_evalmath(work):
     embed_tokens, so the head moves with them), nothing else; the adapter file holds them under PEFT's keys,
     the state shard holds their optimizer moments, and evalmath loads the checkpoint (base + adapter) to the
     very logits of the trained model."""
-    import evalmath
+    import evalmodel
 
     run, before = _train_in_process(work, "mts", "--max_steps", "6", "--save_steps", "6", *MTS_ARGS)
     assert_loss_fell(run)
@@ -316,7 +316,7 @@ def test_lora_modules_to_save_trains_saves_and_loads_in_evalmath(work):
     assert {"model.model.embed_tokens.weight", "optim.model.embed_tokens.weight.exp_avg",
             "optim.model.norm.weight.exp_avg_sq"} <= set(st)
 
-    model, _ = evalmath.load_model(evalmath.resolve_model(str(ckpt)), torch.device("cpu"), torch.float32)
+    model, _ = evalmodel.load_model(evalmodel.resolve_model(str(ckpt)), torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), run.model.eval()(ids), atol=1e-5, rtol=0)
