@@ -805,7 +805,7 @@ def test_torchrun_two_processes_match_one(work, mts):
     assert ad1.keys() == ad2.keys()
     assert bool(mts) == ("base_model.model.model.embed_tokens.weight" in ad2)  # gathered from the FSDP shards
     for k in ad1:
-        torch.testing.assert_close(ad1[k], ad2[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ad1[k], ad2[k], rtol=1e-4, atol=1e-4)
     # resume the 2-rank checkpoint on 1 process: re-chunked state, same continuation (no dropout)
     import shutil
 
