@@ -56,7 +56,7 @@ TRAIN = {  # measured: both reach >= 90% on held-out problems within 800 steps (
              "--lora_modules_to_save", "embed_tokens", "lm_head", "norm", "--learning_rate", "3e-3"],
 }
 PRESETS = {  # sizes of the default demo and of the CI-sized one that tests/test_demo.py runs
-    "default": {"n_train": 20000, "n_test": 500, "steps": 800, "every": 100, "eval_samples": 200},
+    "default": {"n_train": 20000, "n_test": 500, "steps": 800, "every": 200, "eval_samples": 200},
     "ci": {"n_train": 8000, "n_test": 100, "steps": 400, "every": 200, "eval_samples": 50},
 }
 
