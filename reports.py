@@ -352,7 +352,7 @@ def write_run_report(job_dir: str | os.PathLike, out_dir: str | os.PathLike = "o
              f"- run folder: `{show_path(job_dir.resolve())}/`",
              f"- base model: `{show_path(cfg.get('model_name_or_path'))}`"
              + (f" ({'LoRA' if cfg.get('use_lora') else 'full fine-tuning'})" if "use_lora" in cfg else ""),
-             f"- data: {', '.join(map(str, cfg.get('train_files') or cfg.get('datasets') or [])) or 'see config.json'}",
+             f"- data: {', '.join(show_path(str(x)) for x in cfg.get('train_files') or cfg.get('datasets') or []) or 'see config.json'}",
              f"- steps logged: {train[0]['step'] if train else '-'} to {train[-1]['step'] if train else '-'}; "
              f"checkpoint-best -> `{best}`; latest -> `{latest}`", ""]
     if train:
